@@ -1,0 +1,347 @@
+"""Driver interfaces (ABCs): WPK sources, task stores and agent transports.
+
+A driver answers "which one implementation talks to this resource?". Each deployment picks
+one per role in its configuration; ``drivers.py`` loads it by entry-point name with stevedore.
+
+Rules every driver follows (DESIGN.md §5):
+
+* class attributes ``name`` and ``config_schema`` (a marshmallow schema whose ``@post_load``
+  returns a frozen dataclass, or None when the driver takes no options);
+* no I/O in ``__init__``; resources are opened in ``open()``/``serve()``;
+* only kernel types cross the boundary (never peewee rows, boto3 objects, sockets);
+* third-party errors are wrapped at the boundary in the kernel's exceptions (``errors.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import IO, Any, ClassVar
+
+from marshmallow import Schema
+
+from .models import AgentInfo, StatusChange, Task, TaskParams, TaskStatus
+
+# --------------------------------------------------------------------------- WPK sources
+
+
+@dataclass(frozen=True)
+class WpkQuery:
+    """What a source needs to find the WPK for one agent and one target version.
+
+    ``base_url`` is the repository base, scheme included, ending in ``/`` (reference §5.1).
+    ``package_type`` is already resolved (reference §5.3) or None when the agent has none.
+    """
+
+    base_url: str
+    version: str
+    os_platform: str
+    os_major: str | None
+    os_minor: str | None
+    os_arch: str | None
+    package_type: str | None
+    agent_id: int = 0
+
+
+@dataclass(frozen=True)
+class WpkCandidate:
+    """A WPK a source has located: where to fetch it, its file name and published digests."""
+
+    url: str
+    file_name: str
+    sha1: str | None
+    sha256: str | None = None
+    size: int | None = None
+
+
+ProgressFn = Callable[[int], None]
+
+
+class WpkSource(ABC):
+    """Where WPK files come from (entry-point group ``wpk_upgrade.sources``).
+
+    Entry-point names are URL schemes (``https``, ``http``, ``file``, ``s3``) plus ``custom``
+    for the local files of ``upgrade_custom``. All methods are blocking; the kernel calls them
+    from worker threads.
+    """
+
+    name: ClassVar[str]
+    config_schema: ClassVar[type[Schema] | None] = None
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config
+
+    @abstractmethod
+    def resolve(self, query: WpkQuery) -> WpkCandidate:
+        """Locate the WPK for ``query``.
+
+        Raises ``UpgradeError`` with 14 (repository not reachable), 15 (version not in the
+        repository) or 9 (no WPK for this platform), with a precise ``detail``.
+        """
+
+    def latest_version(self, query: WpkQuery) -> str | None:
+        """The newest version the repository offers for the agent's platform (decision D1).
+
+        ``query.version`` is ignored. Returns None when the source cannot tell.
+        """
+        return None
+
+    @abstractmethod
+    def fetch(
+        self, candidate: WpkCandidate, out: IO[bytes], offset: int, progress: ProgressFn
+    ) -> None:
+        """Write the WPK's bytes from ``offset`` on into ``out`` (already positioned there).
+
+        Call ``progress(n)`` as bytes arrive. Raise ``UpgradeError`` 16 (WPK file does not
+        exist) when it cannot be fetched after the source's own retries; any partial bytes
+        already written stay so that a later call can resume from the larger offset.
+        """
+
+
+# --------------------------------------------------------------------------- task stores
+
+
+class UpdateOutcome(str):
+    """Result of a status update: ``ok``, ``not_found`` (no task or transition refused)."""
+
+
+UPDATE_OK = UpdateOutcome("ok")
+UPDATE_NOT_FOUND = UpdateOutcome("not_found")
+
+
+@dataclass(frozen=True)
+class TaskFilter:
+    """Filters for listing tasks; None means "any"."""
+
+    statuses: tuple[TaskStatus, ...] | None = None
+    agent_ids: tuple[int, ...] | None = None
+    node: str | None = None
+    since: int | None = None
+    until: int | None = None
+    limit: int = 1000
+
+
+class TaskStore(ABC):
+    """The fleet's memory: tasks, their history, and the agent registry.
+
+    Entry-point group ``wpk_upgrade.stores``; chosen by database URL scheme. Every status
+    change goes through ``models.check_transition`` and writes one history row in the same
+    transaction. Methods are blocking and thread-safe (the kernel calls them from a pool).
+    """
+
+    name: ClassVar[str]
+    config_schema: ClassVar[type[Schema] | None] = None
+
+    def __init__(self, url: str, config: Any = None) -> None:
+        self.url = url
+        self.config = config
+
+    @abstractmethod
+    def open(self) -> None:
+        """Connect, create or migrate the schema. Raises ``PluginError`` for a missing driver."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections."""
+
+    # ---- tasks
+    @abstractmethod
+    def create_tasks(
+        self,
+        agent_ids: Sequence[int],
+        node: str,
+        module: str,
+        command: str,
+        params: TaskParams | None = None,
+        now: int | None = None,
+    ) -> list[Task]:
+        """Insert one Pending task per agent, all or nothing, ids in request order.
+
+        Raises ``TaskError(DATABASE_ERROR)`` when the insert fails.
+        """
+
+    @abstractmethod
+    def get_status(self, agent_id: int, node: str) -> TaskStatus | None:
+        """Status of the agent's latest upgrade task, as the reference's ``upgrade_get_status``.
+
+        A Pending latest task owned by another node is deleted and None is returned
+        (reference §8.3).
+        """
+
+    @abstractmethod
+    def update_status(
+        self,
+        agent_id: int,
+        node: str | None,
+        status: TaskStatus,
+        error_msg: str | None = None,
+        reason: str | None = None,
+        now: int | None = None,
+    ) -> UpdateOutcome:
+        """Move the agent's latest task to ``status`` if ``check_transition`` allows it.
+
+        ``node`` None is an internal actor. Writes ``update_time`` and ``error_msg`` (NULL when
+        not given). Returns ``UPDATE_NOT_FOUND`` when there is no task or the move is refused.
+        """
+
+    @abstractmethod
+    def set_task_status(
+        self,
+        task_id: int,
+        node: str | None,
+        status: TaskStatus,
+        error_msg: str | None = None,
+        reason: str | None = None,
+        now: int | None = None,
+    ) -> bool:
+        """Like ``update_status`` but for one task id; True when it moved."""
+
+    @abstractmethod
+    def get_task(self, task_id: int) -> Task | None:
+        """One task by id."""
+
+    @abstractmethod
+    def latest_tasks(self, agent_ids: Sequence[int]) -> dict[int, Task]:
+        """Latest upgrade task per agent (by create time, then task id); absent agents omitted."""
+
+    @abstractmethod
+    def task_params(self, task_id: int) -> TaskParams | None:
+        """The parameters stored with a task (for dispatch and restart recovery)."""
+
+    @abstractmethod
+    def pending_tasks(self, node: str, limit: int = 1000) -> list[Task]:
+        """Pending tasks of ``node``, oldest first."""
+
+    @abstractmethod
+    def tasks_in_status(self, node: str | None, status: TaskStatus) -> list[Task]:
+        """Tasks (of ``node``, or any node when None) currently in ``status``."""
+
+    @abstractmethod
+    def cancel_pending(self, node: str, now: int | None = None) -> int:
+        """Pending tasks of ``node`` become Cancelled; returns how many."""
+
+    @abstractmethod
+    def expire(self, now: int, task_timeout: int) -> tuple[int, int]:
+        """In-progress tasks whose ``update_time + task_timeout <= now`` become Timeout.
+
+        Returns (how many timed out, next deadline epoch: the earliest remaining
+        ``update_time + task_timeout``, else ``now + task_timeout``).
+        """
+
+    @abstractmethod
+    def delete_old(self, before: int) -> int:
+        """Delete final tasks created at or before ``before``; returns how many."""
+
+    @abstractmethod
+    def set_progress(self, task_id: int, sent: int, total: int) -> None:
+        """Record transfer progress (bytes sent / total)."""
+
+    @abstractmethod
+    def history(self, task_id: int) -> list[StatusChange]:
+        """Every recorded transition of a task, oldest first."""
+
+    @abstractmethod
+    def list_tasks(self, flt: TaskFilter) -> list[Task]:
+        """Tasks matching the filter, newest first."""
+
+    # ---- agents
+    @abstractmethod
+    def upsert_agent(self, agent: AgentInfo) -> None:
+        """Insert or replace what is known of an agent."""
+
+    @abstractmethod
+    def get_agent(self, agent_id: int) -> AgentInfo | None:
+        """One agent, or None when unknown."""
+
+    @abstractmethod
+    def list_agents(self) -> list[AgentInfo]:
+        """All known agents, by id."""
+
+    @abstractmethod
+    def set_connection(self, agent_id: int, status: str, node: str, when: int) -> None:
+        """Record an agent's connection status (``active`` / ``disconnected``) and last seen."""
+
+    @abstractmethod
+    def disconnect_node_agents(self, node: str) -> int:
+        """Mark every agent connected to ``node`` as disconnected (node start-up)."""
+
+
+# --------------------------------------------------------------------------- transports
+
+
+class AgentLink(ABC):
+    """The manager's handle on one connected agent."""
+
+    agent_id: int
+
+    @abstractmethod
+    async def request(self, target: str, payload: str, timeout: float) -> str:
+        """Send one command (reference target ``upgrade`` or ``com`` and its payload text)
+        and return the agent's reply text. Raises ``TimeoutError`` or ``ConnectionError``."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Drop the connection."""
+
+
+class AgentHub(ABC):
+    """What the kernel offers a manager-side transport (implemented by ``hub.AgentRegistry``)."""
+
+    @abstractmethod
+    async def agent_connected(self, info: AgentInfo, link: AgentLink) -> None:
+        """An agent announced itself."""
+
+    @abstractmethod
+    async def agent_disconnected(self, agent_id: int, link: AgentLink) -> None:
+        """An agent's connection ended."""
+
+    @abstractmethod
+    async def agent_event(self, agent_id: int, message: dict[str, Any]) -> dict[str, Any]:
+        """An agent sent an event (only ``upgrade_update_status`` about itself is accepted,
+        D6); returns the reply to send back."""
+
+
+RequestHandler = Callable[[str, str], Awaitable[str]]
+"""Agent side: ``(target, payload) -> reply text`` for one manager command."""
+
+
+class ManagerChannel(ABC):
+    """The agent's handle on its manager connection."""
+
+    @abstractmethod
+    async def send_event(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send an event to the manager and wait for its reply."""
+
+
+class Transport(ABC):
+    """How the manager and its agents talk (entry-point group ``wpk_upgrade.transports``)."""
+
+    name: ClassVar[str]
+    config_schema: ClassVar[type[Schema] | None] = None
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config
+
+    @abstractmethod
+    async def serve(self, hub: AgentHub) -> None:
+        """Manager side: start accepting agents; return once listening."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Manager side: stop accepting and drop every connection."""
+
+    @abstractmethod
+    async def run_agent(
+        self,
+        identity: Callable[[], AgentInfo],
+        on_request: RequestHandler,
+        on_connected: Callable[[ManagerChannel], Awaitable[None]],
+        stop: asyncio.Event,
+    ) -> None:
+        """Agent side: connect (and reconnect) to the manager until ``stop`` is set.
+
+        ``identity()`` is called at each connection to announce the agent; ``on_request`` answers
+        manager commands; ``on_connected`` runs once per established connection.
+        """
