@@ -163,6 +163,28 @@ class TaskStore(ABC):
         """
 
     @abstractmethod
+    def create_tasks_if_idle(
+        self,
+        agent_ids: Sequence[int],
+        node: str,
+        module: str,
+        command: str,
+        params: TaskParams | None = None,
+        now: int | None = None,
+    ) -> tuple[list[Task], list[int]]:
+        """Atomically create Pending tasks only for agents with no active task.
+
+        First applies the other-node-Pending deletion rule of ``get_status``; then agents whose
+        latest task is Pending or In progress are returned as busy. Returns (created tasks in
+        request order, busy agent ids). Two callers racing for one agent get exactly one task.
+        """
+
+    @abstractmethod
+    def claim_pending(self, node: str, limit: int) -> list[Task]:
+        """Atomically move up to ``limit`` Pending tasks of ``node`` to In progress (oldest
+        first) and return them; a task is never claimed twice, across processes."""
+
+    @abstractmethod
     def get_status(self, agent_id: int, node: str) -> TaskStatus | None:
         """Status of the agent's latest upgrade task, as the reference's ``upgrade_get_status``.
 
