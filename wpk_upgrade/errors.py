@@ -158,7 +158,9 @@ AGENT_MESSAGES: dict[AgentCode, str] = {
     AgentCode.UNSUPPORTED_MODE: "Unsupported file mode",
     AgentCode.INVALID_FILE_NAME: "Invalid file name",
     AgentCode.FILE_OPEN_ERROR: "File Open Error: ",
-    AgentCode.FILE_NOT_OPENED: "File not opened. Agent might have been auto-restarted during upgrade",
+    AgentCode.FILE_NOT_OPENED: (
+        "File not opened. Agent might have been auto-restarted during upgrade"
+    ),
     AgentCode.NO_FILE_OPENED: "No file opened",
     AgentCode.TARGET_FILE_MISMATCH: "The target file doesn't match the opened file",
     AgentCode.CANNOT_WRITE: "Cannot write file",

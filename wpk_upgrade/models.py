@@ -13,10 +13,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import Enum
+from enum import StrEnum
 
 
-class TaskStatus(str, Enum):
+class TaskStatus(StrEnum):
     """A task's stored status (reference §8.2 database names)."""
 
     PENDING = "Pending"
@@ -80,7 +80,7 @@ REFERENCE_STATUS_TEXT: dict[TaskStatus, str] = {
 }
 
 
-class NodeRule(str, Enum):
+class NodeRule(StrEnum):
     """Which node may make a transition."""
 
     SAME_NODE = "same node"
@@ -124,7 +124,7 @@ def check_transition(
     return True
 
 
-class Command(str, Enum):
+class Command(StrEnum):
     """Task commands (the ``command`` column)."""
 
     UPGRADE = "upgrade"

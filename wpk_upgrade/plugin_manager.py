@@ -34,5 +34,5 @@ def notify(pm: pluggy.PluginManager, hook_name: str, **kwargs: object) -> None:
     for impl in reversed(hook.get_hookimpls()):
         try:
             impl.function(**{k: kwargs[k] for k in impl.argnames if k in kwargs})
-        except Exception:  # noqa: BLE001 - a notification never breaks an upgrade
+        except Exception:
             log.exception("hook %s of plugin %s failed", hook_name, impl.plugin_name)

@@ -38,8 +38,11 @@ UPGRADE_MODULE = "upgrade_module"
 def result_item(agent_id: int, task: Task | None) -> dict[str, Any]:
     """One ``upgrade_result`` data item (mission text shape, D2 times, D10 statuses)."""
     if task is None:
-        return {"error": int(TaskCode.NO_TASK), "message": task_message(TaskCode.NO_TASK),
-                "agent": agent_id}
+        return {
+            "error": int(TaskCode.NO_TASK),
+            "message": task_message(TaskCode.NO_TASK),
+            "agent": agent_id,
+        }
     item: dict[str, Any] = {
         "error": 0,
         "message": "Success",
@@ -89,8 +92,14 @@ class TaskManager:
         )
         for task in created:
             notify(self.pm, "wpk_after_task_created", task=task, params=params)
-            notify(self.pm, "wpk_after_task_status_changed", task=task, old_status=None,
-                   new_status=task.status, reason="created")
+            notify(
+                self.pm,
+                "wpk_after_task_status_changed",
+                task=task,
+                old_status=None,
+                new_status=task.status,
+                reason="created",
+            )
         return created, busy
 
     async def set_status(
@@ -132,8 +141,14 @@ class TaskManager:
     ) -> None:
         task = await self._db(self.store.get_task, task_id)
         if task is not None:
-            notify(self.pm, "wpk_after_task_status_changed", task=task, old_status=old,
-                   new_status=new, reason=reason)
+            notify(
+                self.pm,
+                "wpk_after_task_status_changed",
+                task=task,
+                old_status=old,
+                new_status=new,
+                reason=reason,
+            )
 
     async def results(self, agents: Sequence[int]) -> list[dict[str, Any]]:
         """``upgrade_result`` items in request order."""
@@ -148,17 +163,33 @@ class TaskManager:
         for agent in agents:
             task = latest.get(agent)
             if task is None or not task.status.active:
-                items.append({"error": int(TaskCode.NO_TASK),
-                              "message": task_message(TaskCode.NO_TASK), "agent": agent})
+                items.append(
+                    {
+                        "error": int(TaskCode.NO_TASK),
+                        "message": task_message(TaskCode.NO_TASK),
+                        "agent": agent,
+                    }
+                )
                 continue
-            moved = await self.set_status(task, TaskStatus.CANCELLED, None,
-                                          "Task cancelled by request", "cancelled by request")
+            moved = await self.set_status(
+                task,
+                TaskStatus.CANCELLED,
+                None,
+                "Task cancelled by request",
+                "cancelled by request",
+            )
             if moved:
-                items.append({"error": 0, "message": "Success", "agent": agent,
-                              "task_id": task.task_id})
+                items.append(
+                    {"error": 0, "message": "Success", "agent": agent, "task_id": task.task_id}
+                )
             else:
-                items.append({"error": int(TaskCode.NO_TASK),
-                              "message": task_message(TaskCode.NO_TASK), "agent": agent})
+                items.append(
+                    {
+                        "error": int(TaskCode.NO_TASK),
+                        "message": task_message(TaskCode.NO_TASK),
+                        "agent": agent,
+                    }
+                )
         return items
 
     # ------------------------------------------------------------------ socket handler
@@ -170,7 +201,7 @@ class TaskManager:
         except TaskError as exc:
             log.error("task manager: %s", exc)
             return task_error_reply(TaskCode(exc.code))
-        except Exception:  # noqa: BLE001 - the socket must keep answering
+        except Exception:
             log.exception("task manager: database failure on %s", req.command)
             return task_error_reply(TaskCode.DATABASE_ERROR)
 
@@ -178,13 +209,25 @@ class TaskManager:
         ok = task_message(TaskCode.SUCCESS)
         if req.command in ("upgrade", "upgrade_custom"):
             assert req.node is not None and req.module is not None
-            tasks = await self._db(self.store.create_tasks, list(req.agents), req.node,
-                                   req.module, req.command, TaskParams(command=req.command))
+            tasks = await self._db(
+                self.store.create_tasks,
+                list(req.agents),
+                req.node,
+                req.module,
+                req.command,
+                TaskParams(command=req.command),
+            )
             for task in tasks:
-                notify(self.pm, "wpk_after_task_created", task=task,
-                       params=TaskParams(command=req.command))
-            data = [{"error": 0, "message": ok, "agent": t.agent_id, "task_id": t.task_id}
-                    for t in tasks]
+                notify(
+                    self.pm,
+                    "wpk_after_task_created",
+                    task=task,
+                    params=TaskParams(command=req.command),
+                )
+            data = [
+                {"error": 0, "message": ok, "agent": t.agent_id, "task_id": t.task_id}
+                for t in tasks
+            ]
             return envelope(0, data, ok)
         if req.command == "upgrade_get_status":
             assert req.node is not None
@@ -206,14 +249,23 @@ class TaskManager:
                 return task_error_reply(TaskCode.DATABASE_ERROR)
             data = []
             for agent in req.agents:
-                moved = await self.update_latest(agent, req.node, status,
-                                                 req.params.get("error_msg"),
-                                                 f"update_status from node {req.node}")
+                moved = await self.update_latest(
+                    agent,
+                    req.node,
+                    status,
+                    req.params.get("error_msg"),
+                    f"update_status from node {req.node}",
+                )
                 if moved:
                     data.append({"error": 0, "message": ok, "agent": agent})
                 else:
-                    data.append({"error": int(TaskCode.NO_TASK),
-                                 "message": task_message(TaskCode.NO_TASK), "agent": agent})
+                    data.append(
+                        {
+                            "error": int(TaskCode.NO_TASK),
+                            "message": task_message(TaskCode.NO_TASK),
+                            "agent": agent,
+                        }
+                    )
             return envelope(0, data, ok)
         if req.command == "upgrade_result":
             return envelope(0, await self.results(req.agents), ok)
@@ -231,8 +283,9 @@ class TaskManager:
         pending = await self._db(self.store.tasks_in_status, node, TaskStatus.PENDING)
         count = await self._db(self.store.cancel_pending, node)
         for task in pending:
-            await self._notify_change(task.task_id, TaskStatus.PENDING, TaskStatus.CANCELLED,
-                                      "manager restarted")
+            await self._notify_change(
+                task.task_id, TaskStatus.PENDING, TaskStatus.CANCELLED, "manager restarted"
+            )
         return count
 
     # ------------------------------------------------------------------ sweep
@@ -247,14 +300,20 @@ class TaskManager:
             for task in running:
                 fresh = await self._db(self.store.get_task, task.task_id)
                 if fresh is not None and fresh.status is TaskStatus.TIMEOUT:
-                    notify(self.pm, "wpk_after_task_status_changed", task=fresh,
-                           old_status=TaskStatus.IN_PROGRESS, new_status=TaskStatus.TIMEOUT,
-                           reason="task_timeout reached")
+                    notify(
+                        self.pm,
+                        "wpk_after_task_status_changed",
+                        task=fresh,
+                        old_status=TaskStatus.IN_PROGRESS,
+                        new_status=TaskStatus.TIMEOUT,
+                        reason="task_timeout reached",
+                    )
         if self.settings.pending_timeout:
             for task in await self._db(self.store.tasks_in_status, None, TaskStatus.PENDING):
                 if task.create_time + self.settings.pending_timeout <= when:
-                    await self.set_status(task, TaskStatus.TIMEOUT, None, None,
-                                          "pending_timeout reached")
+                    await self.set_status(
+                        task, TaskStatus.TIMEOUT, None, None, "pending_timeout reached"
+                    )
         return deadline
 
     async def run_sweeper(self, stop: asyncio.Event) -> None:
@@ -271,7 +330,7 @@ class TaskManager:
                         log.info("task manager: deleted %d old tasks", deleted)
                     last_cleanup = t
                 wait = max(0.5, min(float(self.settings.sweep_interval), deadline - now()))
-            except Exception:  # noqa: BLE001 - keep sweeping after a database hiccup
+            except Exception:
                 log.exception("task manager: sweep failed")
                 wait = float(self.settings.sweep_interval)
             try:

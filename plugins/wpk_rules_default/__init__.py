@@ -1,9 +1,9 @@
 """The reference's per-agent validation rules (reference §4), one hook implementation each.
 
 Each rule is registered through its own ``wpk_upgrade.hooks`` entry point (``rules_*``),
-exactly like a third-party rules plugin. Each rule returns a ``Rejection`` or None; ``order`` reproduces the
-reference's validation order (ID, agent info, status, system, version), so the reply carries
-the same code the reference would give.
+exactly like a third-party rules plugin. Each rule returns a ``Rejection`` or None; ``order``
+reproduces the reference's validation order (ID, agent info, status, system, version), so
+the reply carries the same code the reference would give.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class AgentActive:
     def wpk_validate_agent(self, agent: AgentInfo | None) -> Rejection | None:
         if agent is not None and not agent.active:
             return Rejection(
-                UpgradeCode.AGENT_IS_NOT_ACTIVE, ORDER_STATUS,
+                UpgradeCode.AGENT_IS_NOT_ACTIVE,
+                ORDER_STATUS,
                 f"connection status is {agent.connection_status!r}",
             )
         return None
@@ -61,8 +62,9 @@ def system_problem(agent: AgentInfo) -> Rejection | None:
     if not platform:
         return Rejection(UpgradeCode.GLOBAL_DB_FAILURE, ORDER_SYSTEM, "no OS platform")
     if platform in BLACKLISTED_PLATFORMS:
-        return Rejection(UpgradeCode.SYSTEM_NOT_SUPPORTED, ORDER_SYSTEM,
-                         f"platform {platform} is not supported")
+        return Rejection(
+            UpgradeCode.SYSTEM_NOT_SUPPORTED, ORDER_SYSTEM, f"platform {platform} is not supported"
+        )
     if platform == "windows":
         return None
     if platform == "darwin":
@@ -74,11 +76,15 @@ def system_problem(agent: AgentInfo) -> Rejection | None:
             return Rejection(UpgradeCode.GLOBAL_DB_FAILURE, ORDER_SYSTEM, "no architecture")
         return None
     if not agent.os_arch or not agent.os_major or (platform == "ubuntu" and not agent.os_minor):
-        return Rejection(UpgradeCode.GLOBAL_DB_FAILURE, ORDER_SYSTEM,
-                         "architecture or OS version missing")
+        return Rejection(
+            UpgradeCode.GLOBAL_DB_FAILURE, ORDER_SYSTEM, "architecture or OS version missing"
+        )
     if UNSUPPORTED_MAJORS.get(platform) == str(agent.os_major):
-        return Rejection(UpgradeCode.SYSTEM_NOT_SUPPORTED, ORDER_SYSTEM,
-                         f"{platform} {agent.os_major} is not supported")
+        return Rejection(
+            UpgradeCode.SYSTEM_NOT_SUPPORTED,
+            ORDER_SYSTEM,
+            f"{platform} {agent.os_major} is not supported",
+        )
     return None
 
 
@@ -99,13 +105,19 @@ def version_problem(
     if current is None:
         return Rejection(UpgradeCode.GLOBAL_DB_FAILURE, ORDER_VERSION, "no agent version")
     if versions.compare(current, MIN_VERSION) < 0:
-        return Rejection(UpgradeCode.NOT_MINIMAL_VERSION_SUPPORTED, ORDER_VERSION,
-                         f"agent {current} is older than {MIN_VERSION}")
+        return Rejection(
+            UpgradeCode.NOT_MINIMAL_VERSION_SUPPORTED,
+            ORDER_VERSION,
+            f"agent {current} is older than {MIN_VERSION}",
+        )
     if (agent.os_platform or "").lower() == "darwin" and versions.compare(
         current, MIN_DARWIN_VERSION
     ) < 0:
-        return Rejection(UpgradeCode.NOT_MINIMAL_VERSION_SUPPORTED, ORDER_VERSION,
-                         f"macOS agent {current} is older than {MIN_DARWIN_VERSION}")
+        return Rejection(
+            UpgradeCode.NOT_MINIMAL_VERSION_SUPPORTED,
+            ORDER_VERSION,
+            f"macOS agent {current} is older than {MIN_DARWIN_VERSION}",
+        )
     if params.command != "upgrade" or params.force_upgrade:
         return None
     target = context.target_version
@@ -113,11 +125,17 @@ def version_problem(
         return None
     try:
         if versions.compare(current, target) >= 0:
-            return Rejection(UpgradeCode.NEW_VERSION_LEES_OR_EQUAL_THAT_CURRENT, ORDER_VERSION,
-                             f"agent {current} >= target {target}")
+            return Rejection(
+                UpgradeCode.NEW_VERSION_LEES_OR_EQUAL_THAT_CURRENT,
+                ORDER_VERSION,
+                f"agent {current} >= target {target}",
+            )
         if context.manager_version and versions.compare(target, context.manager_version) > 0:
-            return Rejection(UpgradeCode.NEW_VERSION_GREATER_MASTER, ORDER_VERSION,
-                             f"target {target} > manager {context.manager_version}")
+            return Rejection(
+                UpgradeCode.NEW_VERSION_GREATER_MASTER,
+                ORDER_VERSION,
+                f"target {target} > manager {context.manager_version}",
+            )
     except ValueError:
         return None  # a malformed target fails later, asynchronously, with code 15
     return None

@@ -1,0 +1,234 @@
+"""The manager daemon: wires configuration, plugins, store, sources, transport and sockets.
+
+``Manager`` is a library object (tests and embedding tools drive it directly); ``run_manager``
+is the thin process shell behind ``wpk-upgrade manager --config FILE``: it handles signals
+and exits 0 after a graceful stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pluggy
+
+from .cache import WpkCache
+from .config import ManagerConfig, load_manager_config
+from .dispatcher import Dispatcher
+from .drivers import STORES, TRANSPORTS, driver_class, load_options
+from .errors import TaskCode, UpgradeCode, WpkUpgradeError
+from .framing import FrameTooLarge, discard, read_frame, write_frame
+from .hub import AgentRegistry
+from .interfaces import TaskStore, Transport
+from .models import TaskStatus
+from .plugin_manager import make_plugin_manager
+from .protocol import (
+    RequestRejected,
+    dumps,
+    parse_task_request,
+    task_error_reply,
+    upgrade_error_reply,
+)
+from .service import UpgradeService
+from .sources import SourceRegistry, scheme_of
+from .taskmanager import TaskManager
+
+log = logging.getLogger(__name__)
+
+READ_TIMEOUT = 30.0
+DISCARD_CAP = 64 << 20
+
+Handler = Callable[[bytes], Awaitable[dict[str, Any]]]
+
+
+def open_store(config: ManagerConfig) -> TaskStore:
+    """The task store driver named by the database URL's scheme (not opened yet)."""
+    url = config.store_url
+    scheme = scheme_of(url).split("+", 1)[0]
+    if scheme == "postgres":
+        scheme = "postgresql"
+    cls = driver_class(STORES, scheme)
+    options = load_options(cls, config.store.options, "store.options")
+    store: TaskStore = cls(url, options)
+    return store
+
+
+def open_transport(config: ManagerConfig) -> Transport:
+    """The configured transport driver."""
+    name = config.transport.name or "tcp"
+    cls = driver_class(TRANSPORTS, name)
+    transport: Transport = cls(load_options(cls, config.transport.options, "transport.options"))
+    return transport
+
+
+class Manager:
+    """A running manager node."""
+
+    def __init__(self, config: ManagerConfig, pm: pluggy.PluginManager | None = None) -> None:
+        self.config = config
+        self.pm = pm or make_plugin_manager()
+        self.store = open_store(config)
+        self.transport = open_transport(config)
+        self.sources = SourceRegistry(config.sources)
+        self.cache = WpkCache(config.cache_dir)
+        self.hub = AgentRegistry(self.store, config.node_name)
+        self.tasks = TaskManager(self.store, self.pm, config.task_manager, config.node_name)
+        self.dispatcher = Dispatcher(
+            config, self.store, self.tasks, self.sources, self.cache, self.hub, self.pm
+        )
+        self.service = UpgradeService(
+            config, self.store, self.pm, self.tasks, self.sources, self.dispatcher, self.hub
+        )
+        self.hub.on_event = self._agent_event
+        self.stop_event = asyncio.Event()
+        self._servers: list[asyncio.base_events.Server] = []
+        self._background: list[asyncio.Task[None]] = []
+
+    async def _agent_event(self, agent_id: int, message: dict[str, Any]) -> dict[str, Any]:
+        return await self.service.handle_raw(dumps(message))
+
+    async def _serve_socket(self, path: Path, handler: Handler, oversized: dict[str, Any]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        limit = self.config.max_message_size
+
+        async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                try:
+                    async with asyncio.timeout(READ_TIMEOUT):
+                        raw = await read_frame(reader, limit)
+                except FrameTooLarge as exc:
+                    log.warning("%s: %s", path.name, exc)
+                    if await discard(reader, exc.size, DISCARD_CAP, READ_TIMEOUT):
+                        await write_frame(writer, dumps({**oversized, "detail": str(exc)}))
+                    return
+                except (asyncio.IncompleteReadError, TimeoutError):
+                    return
+                reply = await handler(raw)
+                await write_frame(writer, dumps(reply))
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+
+        server = await asyncio.start_unix_server(connection, path=str(path), limit=limit + 16)
+        os.chmod(path, 0o660)
+        self._servers.append(server)
+
+    async def _task_socket(self, raw: bytes) -> dict[str, Any]:
+        try:
+            request = parse_task_request(raw)
+        except RequestRejected as rej:
+            log.info("task socket: refused request: %s", rej.detail)
+            return rej.reply
+        return await self.tasks.handle(request)
+
+    async def start(self) -> None:
+        """Open the store, recover this node's tasks, bind sockets and the transport."""
+        cfg = self.config
+        for sub in ("queue/tasks", "var/upgrade", "var/run", "logs"):
+            (cfg.home / sub).mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self.store.open)
+        await asyncio.to_thread(self.store.disconnect_node_agents, cfg.node_name)
+        await self._recover()
+        await self._serve_socket(
+            cfg.task_socket, self._task_socket, task_error_reply(TaskCode.INVALID_MESSAGE)
+        )
+        await self._serve_socket(
+            cfg.upgrade_socket,
+            self.service.handle_raw,
+            upgrade_error_reply(UpgradeCode.PARSING_ERROR),
+        )
+        await self.transport.serve(self.hub)
+        self._background = [
+            asyncio.create_task(self.dispatcher.run(self.stop_event)),
+            asyncio.create_task(self.tasks.run_sweeper(self.stop_event)),
+        ]
+        (cfg.home / "var" / "run" / "manager.pid").write_text(f"{os.getpid()}\n")
+        log.info(
+            "manager node %s ready: %s, %s", cfg.node_name, cfg.upgrade_socket, cfg.task_socket
+        )
+
+    async def _recover(self) -> None:
+        """Pending tasks of this node: cancelled (reference) or resumed (default)."""
+        node = self.config.node_name
+        if self.config.task_manager.on_restart == "cancel":
+            count = await self.tasks.cancel_node_pending(node)
+            if count:
+                log.info("cancelled %d queued tasks left by the previous run", count)
+            return
+        pending = await asyncio.to_thread(self.store.tasks_in_status, node, TaskStatus.PENDING)
+        for task in sorted(pending, key=lambda t: t.task_id):
+            self.dispatcher.submit(task.task_id)
+        if pending:
+            log.info("resuming %d queued tasks left by the previous run", len(pending))
+
+    async def stop(self) -> None:
+        """Graceful stop: sockets closed, running transfers cancelled, store closed."""
+        self.stop_event.set()
+        for server in self._servers:
+            server.close()
+        await self.transport.close()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, 10)
+        for path in (self.config.upgrade_socket, self.config.task_socket):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        await asyncio.to_thread(self.store.close)
+        with contextlib.suppress(FileNotFoundError):
+            (self.config.home / "var" / "run" / "manager.pid").unlink()
+
+    async def run_until_stopped(self) -> None:
+        await self.start()
+        await self.stop_event.wait()
+        await self.stop()
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Process-level logging for the daemons (library code never configures logging)."""
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def run_manager(config_path: str, log_level: str = "INFO") -> int:
+    """Process entry point; returns the exit status."""
+    setup_logging(log_level)
+    try:
+        config = load_manager_config(config_path)
+    except WpkUpgradeError as exc:
+        log.error("%s", exc)
+        return 2
+
+    async def main() -> int:
+        try:
+            manager = Manager(config)
+        except WpkUpgradeError as exc:
+            log.error("%s", exc)
+            return 2
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, manager.stop_event.set)
+        try:
+            await manager.start()
+        except (WpkUpgradeError, OSError) as exc:
+            log.error("cannot start: %s", exc)
+            await manager.stop()
+            return 1
+        await manager.stop_event.wait()
+        await manager.stop()
+        log.info("manager stopped")
+        return 0
+
+    return asyncio.run(main())
