@@ -25,7 +25,7 @@ Target ``com`` (reference §3.4, §7.3): ``lock_restart <n>`` always, and the le
 ``open``/``write``/``close``/``sha1``/``upgrade``/``upgrade_result`` of pre-4.1 agents with the
 legacy reply texts (``ok ...`` / ``err ...``). Legacy file and upgrade commands obey the same
 gate as the JSON ones. Legacy ``write`` data is raw bytes: the payload text is turned back into
-bytes with UTF-8 + ``surrogateescape`` (the transport decodes with the same error handler).
+bytes with latin-1 (the manager carries each byte as one character, see ``transfer.py``).
 
 Long steps (hashing, verification and unpacking, the installer) never block the event loop.
 Every refusal is logged with its precise reason.
@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AgentCode, AgentCommandError, WpkError, agent_message
+from ..wpk import verify_and_unpack
 from .config import AgentConfig
 from .installer import InstallerResult, run_installer
 from .result import UpgradeGate
@@ -442,8 +443,6 @@ class CommandHandler:
         Raises ``WpkError``/``AgentCommandError`` with the code of the failed step (§6.3).
         """
         path = self._incoming(name)
-        from ..wpk import verify_and_unpack
-
         async with self._upgrade_lock:
             stores = self.config.ca_stores
             if stores is None:
@@ -455,15 +454,15 @@ class CommandHandler:
             )
             with contextlib.suppress(OSError):
                 path.unlink()
-            verified = getattr(unpacked, "verified", None)
+            verified = unpacked.verified
             self.log.info(
                 "WPK %s verified (sha1 %s, sha256 %s, CA verified: %s) and unpacked",
                 name,
-                getattr(verified, "sha1", "?"),
-                getattr(verified, "sha256", "?"),
-                getattr(verified, "ca_verified", stores is not None),
+                verified.sha1,
+                verified.sha256,
+                verified.ca_verified,
             )
-            target = Path(unpacked.installer_path)
+            target = unpacked.installer_path
             if sys.platform != "win32":
                 try:
                     os.chmod(target, 0o750)
@@ -560,12 +559,15 @@ class CommandHandler:
             size = int(size_text)
         except ValueError:
             raise _LegacyReply("WCOM write needs arguments") from None
-        # The data is the last <size> bytes of the message (it may contain spaces).
-        raw = payload.encode("utf-8", "surrogateescape")
-        header = len(f"write {size_text} {name} ".encode("utf-8", "surrogateescape"))
-        if size < 0 or size > len(raw) - header:
+        # The data is the last <size> bytes of the message (it may contain spaces); the
+        # manager carries raw bytes as latin-1 text, one character per byte.
+        if size < 0 or size > len(payload) - len(f"write {size_text} {name} "):
             raise _LegacyReply("Write file")
-        self.write(name, raw[len(raw) - size :], size)
+        try:
+            data = payload[len(payload) - size :].encode("latin-1")
+        except UnicodeEncodeError:
+            raise _LegacyReply("Write file") from None
+        self.write(name, data, size)
         return "ok "
 
     async def _legacy_close(self, payload: str, rest: str) -> str:

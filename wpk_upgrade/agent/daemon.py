@@ -20,8 +20,9 @@
   sends SIGHUP to the pid in ``var/run/agent.pid``. SIGHUP stays blocked across the ``execv``
   until the new process has its handlers, so a restart request is never lost nor fatal.
 
-What the transport interface does not say (there is no disconnect callback): the state file
-says ``status=disconnected`` again when ``run_agent`` returns, and at stop.
+Disconnects: the interface has no disconnect callback. ``on_connected`` therefore lives as long
+as its connection: the tcp transport runs it as a task and cancels it when the connection ends,
+which writes ``status=disconnected``; so do the end of ``run_agent`` and the stop.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class AgentDaemon:
         self.restart_requested = False
         self._stop: asyncio.Event | None = None
         self._restart_task: asyncio.Task[None] | None = None
+        self._channel: ManagerChannel | None = None
 
     # ---- control
     def request_stop(self) -> None:
@@ -136,9 +138,23 @@ class AgentDaemon:
         return transport
 
     async def _on_connected(self, channel: ManagerChannel) -> None:
+        """Per connection: state file, reporter; then wait until the transport ends it.
+
+        The transport runs this as a task for the connection's lifetime and cancels it when
+        the connection ends (tcp transport); that cancellation is how we learn of a disconnect.
+        """
         self.log.info("connected to the manager")
+        self._channel = channel
         self.set_state(True)
         self.reporter.connected(channel)
+        try:
+            await asyncio.get_running_loop().create_future()
+        finally:
+            self.reporter.disconnected(channel)
+            if self._channel is channel:
+                self._channel = None
+                self.set_state(False)
+                self.log.info("disconnected from the manager")
 
     async def _transport_loop(self, stop: asyncio.Event) -> None:
         delay = RETRY_START
