@@ -1,0 +1,708 @@
+"""``SqlTaskStore``: the task store on SQLite, PostgreSQL or MySQL/MariaDB, chosen by URL.
+
+Every public method runs in its own pooled connection (thread-safe; the kernel calls from a
+thread pool) and, when it writes, in one transaction: SQLite ``BEGIN IMMEDIATE`` (writers
+serialized), PostgreSQL/MariaDB ``READ COMMITTED`` with row locks (see ``queries.py``).
+Deadlocks and serialization failures are replayed a few times; any other database failure
+becomes ``TaskError(DATABASE_ERROR)`` with a one-line reason (passwords never shown).
+Semantics are those of ``wpk_upgrade.interfaces.TaskStore`` and reference §8.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import peewee as pw
+from playhouse.pool import MaxConnectionsExceeded
+
+from wpk_upgrade.errors import PluginError, TaskCode, TaskError
+from wpk_upgrade.interfaces import UPDATE_NOT_FOUND, UPDATE_OK, TaskFilter, TaskStore, UpdateOutcome
+from wpk_upgrade.models import AgentInfo, StatusChange, Task, TaskParams, TaskStatus
+from wpk_upgrade.models import now as clock_now
+
+from . import queries as q
+from .migrations import migrate
+from .models import (
+    AGENT_COLUMNS,
+    StoreModels,
+    agent_values,
+    build_models,
+    params_from_json,
+    params_json,
+    to_agent,
+    to_change,
+    to_task,
+)
+from .options import SqlStoreOptions, SqlStoreOptionsSchema, coerce_options
+from .urls import SQLITE, DbTarget, build_database, parse, require_driver
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+PENDING = TaskStatus.PENDING
+IN_PROGRESS = TaskStatus.IN_PROGRESS
+_ACTIVE = (PENDING.value, IN_PROGRESS.value)
+_MAX_RACE_ROUNDS = 20
+
+
+class SqlTaskStore(TaskStore):
+    """The fleet's memory in a SQL database (entry points ``sqlite``, ``postgresql``, ``mysql``).
+
+    ``SqlTaskStore(url, config)``: ``url`` as described in ``urls.py``; ``config`` a
+    ``SqlStoreOptions``, a dict of its fields, or None for the defaults. No I/O until
+    ``open()``, which creates or migrates the schema. Can be closed and opened again.
+    """
+
+    name: ClassVar[str] = "sql"
+    config_schema = SqlStoreOptionsSchema
+
+    def __init__(self, url: str, config: Any = None) -> None:
+        super().__init__(url, config)
+        try:
+            self.options: SqlStoreOptions = coerce_options(config)
+        except Exception as exc:  # noqa: BLE001 - marshmallow or type errors, one line
+            raise PluginError(f"invalid SQL task store options: {exc}") from exc
+        self.target: DbTarget = parse(url)
+        self._lock = threading.Lock()
+        self._db: pw.Database | None = None
+        self._m: StoreModels | None = None
+
+    def __repr__(self) -> str:
+        return f"SqlTaskStore({self.target.display!r})"
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite``, ``postgresql`` or ``mysql``."""
+        return self.target.dialect
+
+    @property
+    def _locking(self) -> bool:
+        """True when the database takes row locks (``SELECT ... FOR UPDATE``)."""
+        return self.target.dialect != SQLITE
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def open(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                return
+            require_driver(self.target)
+            if self.target.dialect == SQLITE:
+                self._prepare_sqlite_file()
+            db = build_database(self.target, self.options)
+            try:
+                with _connected(db):
+                    found, current = migrate(db, self.target.dialect, self.target.display)
+            except PluginError:
+                _close_quietly(db)
+                raise
+            except (pw.PeeweeException, MaxConnectionsExceeded, OSError) as exc:
+                _close_quietly(db)
+                raise PluginError(
+                    f"cannot open task store {self.target.display}: {_oneline(exc)}"
+                ) from exc
+            if found != current:
+                log.info("task store %s: schema version %d -> %d", self.target.display,
+                         found, current)
+            self._db = db
+            self._m = build_models(db)
+
+    def close(self) -> None:
+        with self._lock:
+            db, self._db, self._m = self._db, None, None
+        if db is not None:
+            _close_quietly(db)
+
+    def _prepare_sqlite_file(self) -> None:
+        path = Path(self.target.database)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o660)
+                os.close(fd)
+                os.chmod(path, 0o660)
+        except OSError as exc:
+            raise PluginError(
+                f"cannot create task store file {path}: {exc.strerror or exc}"
+            ) from exc
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _handles(self) -> tuple[pw.Database, StoreModels]:
+        db, m = self._db, self._m
+        if db is None or m is None:
+            raise TaskError(TaskCode.DATABASE_ERROR, "the task store is not open")
+        return db, m
+
+    def _run(
+        self,
+        what: str,
+        fn: Callable[[StoreModels], R],
+        *,
+        write: bool = True,
+        prepare: Callable[[StoreModels], None] | None = None,
+    ) -> R:
+        """Run ``fn`` in a pooled connection (and a transaction when ``write``).
+
+        ``prepare`` runs first, outside the transaction. Deadlocks, serialization failures
+        and ``queries.Raced`` replay everything; other errors become ``TaskError``.
+        """
+        db, m = self._handles()
+        attempts = self.options.retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                with _connected(db):
+                    if prepare is not None:
+                        prepare(m)
+                    if not write:
+                        return fn(m)
+                    with self._transaction(db):
+                        return fn(m)
+            except (pw.PeeweeException, q.Raced, MaxConnectionsExceeded) as exc:
+                if attempt < attempts and _retryable(exc):
+                    log.debug("task store: %s: retrying after %s", what, _oneline(exc))
+                    time.sleep(random.uniform(0.002, 0.02) * attempt)
+                    continue
+                raise TaskError(
+                    TaskCode.DATABASE_ERROR, f"{what}: {_oneline(exc)}"
+                ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _transaction(self, db: pw.Database) -> Any:
+        if self.target.dialect == SQLITE:
+            return db.atomic("IMMEDIATE")
+        return db.atomic()
+
+    # ------------------------------------------------------------------ tasks: creation
+
+    def create_tasks(
+        self,
+        agent_ids: Sequence[int],
+        node: str,
+        module: str,
+        command: str,
+        params: TaskParams | None = None,
+        now: int | None = None,
+    ) -> list[Task]:
+        when = _now(now)
+        agents = list(agent_ids)
+        if not agents:
+            return []
+        pjson = params_json(params)
+
+        def op(m: StoreModels) -> list[Task]:
+            tasks = [_insert_task(m, a, node, module, command, pjson, when) for a in agents]
+            q.add_history(m, [_created_entry(t) for t in tasks])
+            return tasks
+
+        return self._run("create tasks", op)
+
+    def create_tasks_if_idle(
+        self,
+        agent_ids: Sequence[int],
+        node: str,
+        module: str,
+        command: str,
+        params: TaskParams | None = None,
+        now: int | None = None,
+    ) -> tuple[list[Task], list[int]]:
+        """Create Pending tasks only for agents with no active task, atomically.
+
+        A latest Pending task of another node is deleted first (as ``get_status`` does).
+        An agent id repeated in the request is busy after its first task is created.
+        Returns (created tasks in request order, busy agent ids in request order).
+        """
+        when = _now(now)
+        agents = [int(a) for a in agent_ids]
+        if not agents:
+            return [], []
+        unique = sorted(set(agents))
+        pjson = params_json(params)
+
+        def prepare(m: StoreModels) -> None:
+            if self._locking:
+                q.ensure_lock_rows(m, unique)
+
+        def op(m: StoreModels) -> tuple[list[Task], list[int]]:
+            if self._locking:
+                q.lock_agents(m, unique)
+            latest = q.latest_rows(m, unique)
+            created: list[Task] = []
+            busy: list[int] = []
+            done: set[int] = set()
+            for agent in agents:
+                if agent in done or not self._idle_for(m, latest.get(agent), node, when):
+                    busy.append(agent)
+                    continue
+                task = _insert_task(m, agent, node, module, command, pjson, when)
+                created.append(task)
+                done.add(agent)
+            q.add_history(m, [_created_entry(t) for t in created])
+            return created, busy
+
+        return self._run("create tasks", op, prepare=prepare)
+
+    def _idle_for(self, m: StoreModels, row: Any, node: str, when: int) -> bool:
+        """True when a new task may be created for the agent whose latest row is ``row``.
+
+        The agent is locked by the caller, so only a claim (Pending -> In progress) can
+        still change the row; a lost deletion race therefore means "busy".
+        """
+        if row is None:
+            return True
+        status = TaskStatus(row.status)
+        if status is PENDING and row.node != node:
+            return q.delete_foreign_pending(m, row, node, when)
+        return not status.active
+
+    # ------------------------------------------------------------------ tasks: status
+
+    def get_status(self, agent_id: int, node: str) -> TaskStatus | None:
+        row = self._run("get status", lambda m: q.latest_row(m, agent_id), write=False)
+        if row is None:
+            return None
+        status = TaskStatus(row.status)
+        if status is not PENDING or row.node == node:
+            return status
+        when = clock_now()
+
+        def prepare(m: StoreModels) -> None:
+            if self._locking:
+                q.ensure_lock_rows(m, [agent_id])
+
+        def op(m: StoreModels) -> TaskStatus | None:
+            if self._locking:
+                q.lock_agents(m, [agent_id])
+            latest = q.latest_row(m, agent_id)
+            if latest is None:
+                return None
+            current = TaskStatus(latest.status)
+            if current is PENDING and latest.node != node:
+                if q.delete_foreign_pending(m, latest, node, when):
+                    return None
+                latest = q.latest_row(m, agent_id)
+                return None if latest is None else TaskStatus(latest.status)
+            return current
+
+        return self._run("get status", op, prepare=prepare)
+
+    def update_status(
+        self,
+        agent_id: int,
+        node: str | None,
+        status: TaskStatus,
+        error_msg: str | None = None,
+        reason: str | None = None,
+        now: int | None = None,
+    ) -> UpdateOutcome:
+        when = _now(now)
+
+        def op(m: StoreModels) -> bool:
+            for _ in range(_MAX_RACE_ROUNDS):
+                row = q.latest_row(m, agent_id)
+                if row is None:
+                    return False
+                outcome = q.move(m, row, status, node, error_msg, reason, when)
+                if outcome is not q.Outcome.RACED:
+                    return outcome is q.Outcome.MOVED
+            raise q.Raced(f"agent {agent_id}: latest task kept changing")
+
+        moved = self._run("update status", op)
+        return UPDATE_OK if moved else UPDATE_NOT_FOUND
+
+    def set_task_status(
+        self,
+        task_id: int,
+        node: str | None,
+        status: TaskStatus,
+        error_msg: str | None = None,
+        reason: str | None = None,
+        now: int | None = None,
+    ) -> bool:
+        when = _now(now)
+
+        def op(m: StoreModels) -> bool:
+            for _ in range(_MAX_RACE_ROUNDS):
+                row = m.task.get_or_none(m.task.task_id == task_id)
+                if row is None:
+                    return False
+                outcome = q.move(m, row, status, node, error_msg, reason, when)
+                if outcome is not q.Outcome.RACED:
+                    return outcome is q.Outcome.MOVED
+            raise q.Raced(f"task {task_id} kept changing")
+
+        return self._run("set task status", op)
+
+    def claim_pending(self, node: str, limit: int, now: int | None = None) -> list[Task]:
+        """Atomically move up to ``limit`` Pending tasks of ``node`` to In progress.
+
+        Oldest first. PostgreSQL/MariaDB: ``SELECT ... FOR UPDATE SKIP LOCKED``, so claimers
+        on several processes or nodes never wait for each other nor claim a task twice;
+        SQLite: ``BEGIN IMMEDIATE``.
+        """
+        when = _now(now)
+        if limit <= 0:
+            return []
+
+        def op(m: StoreModels) -> list[Task]:
+            t = m.task
+            pick = (
+                t.select()
+                .where((t.node == node) & (t.status == PENDING.value))
+                .order_by(t.create_time, t.task_id)
+                .limit(limit)
+            )
+            if self._locking:
+                pick = pick.for_update(skip_locked=True)
+            rows = list(pick)
+            moved = q.move_locked(m, rows, PENDING, IN_PROGRESS, node, "claimed", when)
+            return [_moved_task(r, IN_PROGRESS, when) for r in moved]
+
+        return self._run("claim pending tasks", op)
+
+    def cancel_pending(self, node: str, now: int | None = None) -> int:
+        when = _now(now)
+
+        def op(m: StoreModels) -> int:
+            t = m.task
+            pick = t.select().where((t.node == node) & (t.status == PENDING.value))
+            rows = list(pick.for_update() if self._locking else pick)
+            moved = q.move_locked(
+                m, rows, PENDING, TaskStatus.CANCELLED, None, "manager restarted", when
+            )
+            return len(moved)
+
+        return self._run("cancel pending tasks", op)
+
+    def expire(self, now: int, task_timeout: int) -> tuple[int, int]:
+        def op(m: StoreModels) -> tuple[int, int]:
+            t = m.task
+            since = pw.fn.COALESCE(t.update_time, t.create_time)
+            pick = t.select().where(
+                (t.status == IN_PROGRESS.value) & (since <= now - task_timeout)
+            )
+            rows = list(pick.for_update() if self._locking else pick)
+            moved = q.move_locked(
+                m, rows, IN_PROGRESS, TaskStatus.TIMEOUT, None, "task_timeout reached", now
+            )
+            oldest = (
+                t.select(pw.fn.MIN(since)).where(t.status == IN_PROGRESS.value).scalar()
+            )
+            deadline = now + task_timeout if oldest is None else int(oldest) + task_timeout
+            return len(moved), deadline
+
+        return self._run("expire tasks", op)
+
+    # ------------------------------------------------------------------ tasks: cleanup
+
+    def delete_old(self, before: int) -> int:
+        def op(m: StoreModels) -> int:
+            t = m.task
+            return int(
+                t.delete()
+                .where((t.create_time <= before) & t.status.not_in(_ACTIVE))
+                .execute()
+            )
+
+        return self._run("delete old tasks", op)
+
+    def delete_history_before(self, before: int) -> int:
+        """Delete history rows recorded at or before ``before`` whose task no longer exists.
+
+        ``delete_old`` keeps history so that "what happened to agent N" stays answerable;
+        this is the separate retention knob. Returns how many rows went.
+        """
+
+        def op(m: StoreModels) -> int:
+            h, t = m.history, m.task
+            gone = ~pw.fn.EXISTS(t.select(t.task_id).where(t.task_id == h.task_id))
+            return int(h.delete().where((h.change_time <= before) & gone).execute())
+
+        return self._run("delete old history", op)
+
+    # ------------------------------------------------------------------ tasks: reading
+
+    def get_task(self, task_id: int) -> Task | None:
+        def op(m: StoreModels) -> Task | None:
+            row = m.task.get_or_none(m.task.task_id == task_id)
+            return None if row is None else to_task(row)
+
+        return self._run("get task", op, write=False)
+
+    def latest_tasks(self, agent_ids: Sequence[int]) -> dict[int, Task]:
+        if not agent_ids:
+            return {}
+
+        def op(m: StoreModels) -> dict[int, Task]:
+            return {a: to_task(r) for a, r in q.latest_rows(m, agent_ids).items()}
+
+        return self._run("latest tasks", op, write=False)
+
+    def task_params(self, task_id: int) -> TaskParams | None:
+        def op(m: StoreModels) -> TaskParams | None:
+            t = m.task
+            text = t.select(t.params).where(t.task_id == task_id).scalar()
+            return params_from_json(text)
+
+        return self._run("task params", op, write=False)
+
+    def pending_tasks(self, node: str, limit: int = 1000) -> list[Task]:
+        def op(m: StoreModels) -> list[Task]:
+            t = m.task
+            query = (
+                t.select()
+                .where((t.node == node) & (t.status == PENDING.value))
+                .order_by(t.create_time, t.task_id)
+            )
+            if limit > 0:
+                query = query.limit(limit)
+            return [to_task(r) for r in query]
+
+        return self._run("pending tasks", op, write=False)
+
+    def tasks_in_status(self, node: str | None, status: TaskStatus) -> list[Task]:
+        def op(m: StoreModels) -> list[Task]:
+            t = m.task
+            cond = t.status == TaskStatus(status).value
+            if node is not None:
+                cond &= t.node == node
+            return [to_task(r) for r in t.select().where(cond).order_by(t.task_id)]
+
+        return self._run("tasks in status", op, write=False)
+
+    def set_progress(self, task_id: int, sent: int, total: int) -> None:
+        def op(m: StoreModels) -> None:
+            t = m.task
+            t.update(bytes_sent=sent, bytes_total=total).where(t.task_id == task_id).execute()
+
+        self._run("set progress", op, write=False)
+
+    def history(self, task_id: int) -> list[StatusChange]:
+        def op(m: StoreModels) -> list[StatusChange]:
+            h = m.history
+            rows = h.select().where(h.task_id == task_id).order_by(h.id)
+            return [to_change(r) for r in rows]
+
+        return self._run("task history", op, write=False)
+
+    def list_tasks(self, flt: TaskFilter) -> list[Task]:
+        """Tasks matching ``flt``, newest first (create_time, then task id, descending).
+
+        ``since``/``until`` bound ``create_time`` (inclusive); ``limit`` <= 0 means no limit.
+        """
+        if flt.agent_ids is not None and not flt.agent_ids:
+            return []
+        groups: list[Sequence[int] | None]
+        groups = [None] if flt.agent_ids is None else list(q.chunks(sorted(set(flt.agent_ids))))
+
+        def op(m: StoreModels) -> list[Task]:
+            t = m.task
+            found: list[Task] = []
+            for group in groups:
+                cond = _filter_condition(t, flt)
+                if group is not None:
+                    cond &= t.agent_id.in_(list(group))
+                query = t.select().where(cond).order_by(t.create_time.desc(), t.task_id.desc())
+                if flt.limit > 0:
+                    query = query.limit(flt.limit)
+                found.extend(to_task(r) for r in query)
+            found.sort(key=lambda k: (k.create_time, k.task_id), reverse=True)
+            return found[: flt.limit] if flt.limit > 0 else found
+
+        return self._run("list tasks", op, write=False)
+
+    def bulk_load(self, tasks: Iterable[Task], batch: int = 1000) -> int:
+        """Insert many tasks as they are (ids ignored, no history rows): benchmarks, imports.
+
+        Returns how many rows were inserted; each batch is its own transaction.
+        """
+        total = 0
+        batch_rows: list[dict[str, Any]] = []
+
+        def flush(rows: list[dict[str, Any]]) -> int:
+            def op(m: StoreModels) -> int:
+                m.task.insert_many(rows).as_rowcount().execute()
+                return len(rows)
+
+            return self._run("bulk load tasks", op)
+
+        for task in tasks:
+            batch_rows.append(_task_values(task))
+            if len(batch_rows) >= batch:
+                total += flush(batch_rows)
+                batch_rows = []
+        if batch_rows:
+            total += flush(batch_rows)
+        return total
+
+    # ------------------------------------------------------------------ agents
+
+    def upsert_agent(self, agent: AgentInfo) -> None:
+        def op(m: StoreModels) -> None:
+            a = m.agent
+            columns = [getattr(a, c) for c in AGENT_COLUMNS]
+            self._upsert(a.insert(**agent_values(agent)), a.agent_id, columns).execute()
+
+        self._run("upsert agent", op)
+
+    def get_agent(self, agent_id: int) -> AgentInfo | None:
+        def op(m: StoreModels) -> AgentInfo | None:
+            row = m.agent.get_or_none(m.agent.agent_id == agent_id)
+            return None if row is None else to_agent(row)
+
+        return self._run("get agent", op, write=False)
+
+    def list_agents(self) -> list[AgentInfo]:
+        def op(m: StoreModels) -> list[AgentInfo]:
+            return [to_agent(r) for r in m.agent.select().order_by(m.agent.agent_id)]
+
+        return self._run("list agents", op, write=False)
+
+    def set_connection(self, agent_id: int, status: str, node: str, when: int) -> None:
+        """Record connection status, node and last seen; an unknown agent gets a minimal row."""
+
+        def op(m: StoreModels) -> None:
+            a = m.agent
+            insert = a.insert(agent_id=agent_id, name="", connection_status=status, node=node,
+                              last_seen=when)
+            self._upsert(insert, a.agent_id, [a.connection_status, a.node, a.last_seen]).execute()
+
+        self._run("set agent connection", op)
+
+    def disconnect_node_agents(self, node: str) -> int:
+        """Agents ``active`` on ``node`` become ``disconnected``; returns how many."""
+
+        def op(m: StoreModels) -> int:
+            a = m.agent
+            return int(
+                a.update(connection_status="disconnected")
+                .where((a.node == node) & (a.connection_status == "active"))
+                .execute()
+            )
+
+        return self._run("disconnect node agents", op)
+
+    def _upsert(self, insert: Any, key: Any, columns: list[Any]) -> Any:
+        if self.target.dialect == "mysql":
+            return insert.on_conflict(preserve=columns)
+        return insert.on_conflict(conflict_target=[key], preserve=columns)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _now(value: int | None) -> int:
+    return clock_now() if value is None else int(value)
+
+
+def _insert_task(
+    m: StoreModels,
+    agent_id: int,
+    node: str,
+    module: str,
+    command: str,
+    pjson: str | None,
+    when: int,
+) -> Task:
+    task_id = m.task.insert(
+        agent_id=agent_id,
+        node=node,
+        module=module,
+        command=command,
+        status=PENDING.value,
+        create_time=when,
+        update_time=None,
+        error_msg=None,
+        params=pjson,
+        bytes_sent=0,
+        bytes_total=0,
+    ).execute()
+    return Task(int(task_id), int(agent_id), node, module, command, PENDING, when)
+
+
+def _created_entry(task: Task) -> dict[str, Any]:
+    return q.history_entry(task.task_id, None, PENDING, task.create_time, task.node, "created")
+
+
+def _moved_task(row: Any, status: TaskStatus, when: int) -> Task:
+    task = to_task(row)
+    return Task(
+        task.task_id, task.agent_id, task.node, task.module, task.command, status,
+        task.create_time, when, None, task.bytes_sent, task.bytes_total,
+    )
+
+
+def _task_values(task: Task) -> dict[str, Any]:
+    return {
+        "agent_id": task.agent_id,
+        "node": task.node,
+        "module": task.module,
+        "command": task.command,
+        "status": TaskStatus(task.status).value,
+        "create_time": task.create_time,
+        "update_time": task.update_time,
+        "error_msg": task.error_msg,
+        "params": None,
+        "bytes_sent": task.bytes_sent,
+        "bytes_total": task.bytes_total,
+    }
+
+
+def _filter_condition(t: Any, flt: TaskFilter) -> Any:
+    cond = pw.Value(1) == 1
+    if flt.statuses is not None:
+        cond &= t.status.in_([TaskStatus(s).value for s in flt.statuses])
+    if flt.node is not None:
+        cond &= t.node == flt.node
+    if flt.since is not None:
+        cond &= t.create_time >= flt.since
+    if flt.until is not None:
+        cond &= t.create_time <= flt.until
+    return cond
+
+
+@contextmanager
+def _connected(db: pw.Database) -> Iterator[None]:
+    opened = db.connect(reuse_if_open=True)
+    try:
+        yield
+    finally:
+        if opened and not db.is_closed():
+            db.close()
+
+
+def _close_quietly(db: pw.Database) -> None:
+    try:
+        db.close_all()  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - closing must not fail the caller
+        log.debug("task store: error while closing connections", exc_info=True)
+
+
+_RETRY_PGCODES = {"40001", "40P01", "55P03"}  # serialization, deadlock, lock not available
+_RETRY_MYSQL = {1205, 1213}  # lock wait timeout, deadlock
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, q.Raced):
+        return True
+    orig = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc
+    if getattr(orig, "pgcode", None) in _RETRY_PGCODES:
+        return True
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int) and args[0] in _RETRY_MYSQL:
+        return True
+    return "database is locked" in str(orig)
+
+
+def _oneline(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0].strip() if text else type(exc).__name__
