@@ -166,9 +166,9 @@ class WpkCache:
             if not self._matches(sha1, sha256, want_sha1, want_sha256):
                 part.unlink(missing_ok=True)
                 if want_sha1 and sha1 != want_sha1:
-                    detail = f"{name}: expected sha1 {want_sha1} got {sha1}"
+                    detail = f"expected {want_sha1} got {sha1} (SHA1 of {name})"
                 else:
-                    detail = f"{name}: expected sha256 {want_sha256} got {sha256}"
+                    detail = f"expected {want_sha256} got {sha256} (SHA-256 of {name})"
                 raise UpgradeError(UpgradeCode.WPK_SHA1_DOES_NOT_MATCH, detail)
             if candidate.size is not None and size != candidate.size:
                 log.warning("WPK %s: %d bytes, the source announced %d", name, size, candidate.size)

@@ -155,6 +155,8 @@ def _classify(exc: BaseException) -> tuple[str, bool]:
         return str(reason), False
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS certificate verification failed: {exc.verify_message or exc}", False
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return f"connection lost: {exc}", True
     if isinstance(exc, ssl.SSLError):
         return f"TLS error: {exc}", False
     if isinstance(exc, TimeoutError | socket.timeout):

@@ -1,0 +1,1 @@
+"""Test helpers shipped with the kernel: contract suites every driver passes, harnesses."""
