@@ -164,7 +164,8 @@ _V1_MYSQL = [
         INDEX tasks_agent_latest (agent_id, create_time, task_id),
         INDEX tasks_status_update (status, update_time),
         INDEX tasks_node_status (node, status, create_time, task_id),
-        INDEX tasks_create_time (create_time))""" + _MYSQL_TABLE,
+        INDEX tasks_create_time (create_time))"""
+    + _MYSQL_TABLE,
     """CREATE TABLE IF NOT EXISTS task_history (
         id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
         task_id BIGINT NOT NULL,
@@ -175,7 +176,8 @@ _V1_MYSQL = [
         reason TEXT NULL,
         extra TEXT NULL,
         INDEX task_history_task (task_id, id),
-        INDEX task_history_time (change_time))""" + _MYSQL_TABLE,
+        INDEX task_history_time (change_time))"""
+    + _MYSQL_TABLE,
     """CREATE TABLE IF NOT EXISTS agents (
         agent_id INTEGER NOT NULL PRIMARY KEY,
         name VARCHAR(255) NOT NULL DEFAULT '',
@@ -187,9 +189,9 @@ _V1_MYSQL = [
         connection_status VARCHAR(32) NOT NULL DEFAULT 'never_connected',
         node VARCHAR(255) NOT NULL DEFAULT '',
         last_seen BIGINT NULL,
-        INDEX agents_node_conn (node, connection_status))""" + _MYSQL_TABLE,
-    "CREATE TABLE IF NOT EXISTS agent_locks (agent_id INTEGER NOT NULL PRIMARY KEY)"
+        INDEX agents_node_conn (node, connection_status))"""
     + _MYSQL_TABLE,
+    "CREATE TABLE IF NOT EXISTS agent_locks (agent_id INTEGER NOT NULL PRIMARY KEY)" + _MYSQL_TABLE,
 ]
 
 #: version -> dialect -> statements that bring the previous version to this one.

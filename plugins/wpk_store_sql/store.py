@@ -69,7 +69,7 @@ class SqlTaskStore(TaskStore):
         super().__init__(url, config)
         try:
             self.options: SqlStoreOptions = coerce_options(config)
-        except Exception as exc:  # noqa: BLE001 - marshmallow or type errors, one line
+        except Exception as exc:
             raise PluginError(f"invalid SQL task store options: {exc}") from exc
         self.target: DbTarget = parse(url)
         self._lock = threading.Lock()
@@ -111,8 +111,9 @@ class SqlTaskStore(TaskStore):
                     f"cannot open task store {self.target.display}: {_oneline(exc)}"
                 ) from exc
             if found != current:
-                log.info("task store %s: schema version %d -> %d", self.target.display,
-                         found, current)
+                log.info(
+                    "task store %s: schema version %d -> %d", self.target.display, found, current
+                )
             self._db = db
             self._m = build_models(db)
 
@@ -172,9 +173,7 @@ class SqlTaskStore(TaskStore):
                     log.debug("task store: %s: retrying after %s", what, _oneline(exc))
                     time.sleep(random.uniform(0.002, 0.02) * attempt)
                     continue
-                raise TaskError(
-                    TaskCode.DATABASE_ERROR, f"{what}: {_oneline(exc)}"
-                ) from exc
+                raise TaskError(TaskCode.DATABASE_ERROR, f"{what}: {_oneline(exc)}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _transaction(self, db: pw.Database) -> Any:
@@ -387,16 +386,12 @@ class SqlTaskStore(TaskStore):
         def op(m: StoreModels) -> tuple[int, int]:
             t = m.task
             since = pw.fn.COALESCE(t.update_time, t.create_time)
-            pick = t.select().where(
-                (t.status == IN_PROGRESS.value) & (since <= now - task_timeout)
-            )
+            pick = t.select().where((t.status == IN_PROGRESS.value) & (since <= now - task_timeout))
             rows = list(pick.for_update() if self._locking else pick)
             moved = q.move_locked(
                 m, rows, IN_PROGRESS, TaskStatus.TIMEOUT, None, "task_timeout reached", now
             )
-            oldest = (
-                t.select(pw.fn.MIN(since)).where(t.status == IN_PROGRESS.value).scalar()
-            )
+            oldest = t.select(pw.fn.MIN(since)).where(t.status == IN_PROGRESS.value).scalar()
             deadline = now + task_timeout if oldest is None else int(oldest) + task_timeout
             return len(moved), deadline
 
@@ -408,9 +403,7 @@ class SqlTaskStore(TaskStore):
         def op(m: StoreModels) -> int:
             t = m.task
             return int(
-                t.delete()
-                .where((t.create_time <= before) & t.status.not_in(_ACTIVE))
-                .execute()
+                t.delete().where((t.create_time <= before) & t.status.not_in(_ACTIVE)).execute()
             )
 
         return self._run("delete old tasks", op)
@@ -572,8 +565,9 @@ class SqlTaskStore(TaskStore):
 
         def op(m: StoreModels) -> None:
             a = m.agent
-            insert = a.insert(agent_id=agent_id, name="", connection_status=status, node=node,
-                              last_seen=when)
+            insert = a.insert(
+                agent_id=agent_id, name="", connection_status=status, node=node, last_seen=when
+            )
             self._upsert(insert, a.agent_id, [a.connection_status, a.node, a.last_seen]).execute()
 
         self._run("set agent connection", op)
@@ -636,8 +630,17 @@ def _created_entry(task: Task) -> dict[str, Any]:
 def _moved_task(row: Any, status: TaskStatus, when: int) -> Task:
     task = to_task(row)
     return Task(
-        task.task_id, task.agent_id, task.node, task.module, task.command, status,
-        task.create_time, when, None, task.bytes_sent, task.bytes_total,
+        task.task_id,
+        task.agent_id,
+        task.node,
+        task.module,
+        task.command,
+        status,
+        task.create_time,
+        when,
+        None,
+        task.bytes_sent,
+        task.bytes_total,
     )
 
 
@@ -683,7 +686,7 @@ def _connected(db: pw.Database) -> Iterator[None]:
 def _close_quietly(db: pw.Database) -> None:
     try:
         db.close_all()  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - closing must not fail the caller
+    except Exception:
         log.debug("task store: error while closing connections", exc_info=True)
 
 

@@ -75,8 +75,9 @@ def parse(url: str) -> DbTarget:
     dialect = _DIALECTS.get(scheme)
     if dialect is None:
         known = ", ".join(f"{s}://" for s in sorted(_DIALECTS))
-        raise PluginError(f"unsupported task store URL scheme {scheme!r} in {display!r} "
-                          f"(supported: {known})")
+        raise PluginError(
+            f"unsupported task store URL scheme {scheme!r} in {display!r} (supported: {known})"
+        )
     try:
         params = db_url.parse(url, unquote_password=True, unquote_user=True)
     except ValueError as exc:
