@@ -195,6 +195,11 @@ class UnpackedWpk:
     members: tuple[Member, ...]
     verified: VerifiedWpk
 
+    @property
+    def installer_path(self) -> Path:
+        """Alias of ``installer``."""
+        return self.installer
+
 
 @dataclass(frozen=True)
 class PackResult:
@@ -359,7 +364,7 @@ def _verify_open(
     anchor: str | None = None
     chain: tuple[str, ...] = ()
     if ca_stores is None:
-        log.warning("No root CA defined to verify file '%s'.", path)
+        log.info("No root CA defined to verify file '%s'.", path)
     else:
         when = _utc(at) if at is not None else datetime.now(UTC)
         anchor, chain_certs = _check_trust(signer, header.extra_certificates, ca_stores, when)
