@@ -11,7 +11,9 @@ from wpk_upgrade.testing.harness import ManagerHarness, manager_config
 
 
 @pytest.fixture
-def make_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ManagerHarness]]:
+def make_harness(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., ManagerHarness]]:
     """Start real manager nodes (SQLite store, real sockets); stopped at teardown."""
     started: list[ManagerHarness] = []
 

@@ -35,4 +35,6 @@ def case(case_id: str) -> dict[str, Any]:
 
 
 def ids_of(category_letter: str) -> list[str]:
-    return sorted(cid for cid, c in all_cases().items() if c["category"].startswith(category_letter))
+    return sorted(
+        cid for cid, c in all_cases().items() if c["category"].startswith(category_letter)
+    )

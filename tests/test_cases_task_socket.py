@@ -7,8 +7,8 @@ import re
 from typing import Any
 
 import pytest
-
 from shared_cases import case
+
 from wpk_upgrade.models import REFERENCE_STATUS_TEXT, TaskStatus
 from wpk_upgrade.testing.harness import ManagerHarness
 
@@ -28,8 +28,11 @@ def test_task_socket_refusals(harness: ManagerHarness, case_id: str) -> None:
 
 
 def test_c074_empty_array(harness: ManagerHarness) -> None:
-    msg = {"origin": {"name": "node05", "module": "api"}, "command": "upgrade_result",
-           "parameters": {"agents": []}}
+    msg = {
+        "origin": {"name": "node05", "module": "api"},
+        "command": "upgrade_result",
+        "parameters": {"agents": []},
+    }
     assert harness.task(msg) == case("C074")["expected"]["response"]
 
 
@@ -40,35 +43,53 @@ def test_c076_create_tasks(harness: ManagerHarness) -> None:
         task = harness.store.get_task(task_id)
         assert task is not None
         assert (task.status, task.node, task.module, task.command) == (
-            TaskStatus.PENDING, "node05", "upgrade_module", "upgrade")
+            TaskStatus.PENDING,
+            "node05",
+            "upgrade_module",
+            "upgrade",
+        )
 
 
 def _create(h: ManagerHarness, agent: int, node: str = "node02") -> None:
-    h.task({"origin": {"name": node, "module": "upgrade_module"}, "command": "upgrade",
-            "parameters": {"agents": [agent]}})
+    h.task(
+        {
+            "origin": {"name": node, "module": "upgrade_module"},
+            "command": "upgrade",
+            "parameters": {"agents": [agent]},
+        }
+    )
 
 
-def _update(h: ManagerHarness, agent: int, status: str, node: str = "node02",
-            **extra: Any) -> dict[str, Any]:
-    return h.task({"origin": {"name": node, "module": "upgrade_module"},
-                   "command": "upgrade_update_status",
-                   "parameters": {"agents": [agent], "status": status, **extra}})
+def _update(
+    h: ManagerHarness, agent: int, status: str, node: str = "node02", **extra: Any
+) -> dict[str, Any]:
+    return h.task(
+        {
+            "origin": {"name": node, "module": "upgrade_module"},
+            "command": "upgrade_update_status",
+            "parameters": {"agents": [agent], "status": status, **extra},
+        }
+    )
 
 
 def test_c078_update_status(harness: ManagerHarness) -> None:
     c = case("C078")
     _create(harness, 35)
     assert _update(harness, 35, "In progress")["data"] == [
-        {"error": 0, "message": "Success", "agent": 35}]
+        {"error": 0, "message": "Success", "agent": 35}
+    ]
     reply = send_case(harness, c)
     assert reply["data"] == [c["expected"]["response_item"]]
     # Done -> Done is refused: "No task in DB"
     assert _update(harness, 35, "Done")["data"] == [
-        {"error": 3, "message": "No task in DB", "agent": 35}]
+        {"error": 3, "message": "No task in DB", "agent": 35}
+    ]
     # a status that cannot be requested is a database error (reference -1)
     assert _update(harness, 35, "Timeout") == {
-        "error": 4, "data": [{"error": 4, "message": "Database error"}],
-        "message": "Database error"}
+        "error": 4,
+        "data": [{"error": 4, "message": "Database error"}],
+        "message": "Database error",
+    }
 
 
 def test_c081_result_with_task(harness: ManagerHarness) -> None:
@@ -101,9 +122,15 @@ def test_c083_status_translation() -> None:
     """The reference shows long sentences as the status; decision D10 shows the short word
     and moves the sentence to ``error_msg`` (the design wins over the case)."""
     c = case("C083")
-    short = {"Pending": "In queue", "In progress": "Updating", "Done": "Updated",
-             "Failed": "Error", "Cancelled": "Cancelled", "Timeout": "Timeout",
-             "Legacy": "Legacy"}
+    short = {
+        "Pending": "In queue",
+        "In progress": "Updating",
+        "Done": "Updated",
+        "Failed": "Error",
+        "Cancelled": "Cancelled",
+        "Timeout": "Timeout",
+        "Legacy": "Legacy",
+    }
     for raw, reference_text in c["expected"].items():
         if reference_text is None:
             with pytest.raises(ValueError):

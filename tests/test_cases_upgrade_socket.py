@@ -7,8 +7,8 @@ import socket
 from typing import Any
 
 import pytest
-
 from shared_cases import case
+
 from wpk_upgrade.framing import HEADER, encode
 from wpk_upgrade.models import AgentInfo, TaskParams, TaskStatus
 from wpk_upgrade.testing.harness import ManagerHarness
@@ -18,8 +18,14 @@ A_CASES = ["C001", "C003", "C004", "C005", "C006", "C007", "C008", "C009", "C010
 
 def agent(agent_id: int, **kw: Any) -> AgentInfo:
     base: dict[str, Any] = dict(
-        name=f"agent{agent_id}", version="Wazuh v3.13.1", os_platform="ubuntu", os_major="18",
-        os_minor="04", os_arch="x86_64", connection_status="active", node="node01",
+        name=f"agent{agent_id}",
+        version="Wazuh v3.13.1",
+        os_platform="ubuntu",
+        os_major="18",
+        os_minor="04",
+        os_arch="x86_64",
+        connection_status="active",
+        node="node01",
     )
     base.update(kw)
     return AgentInfo(agent_id=agent_id, **base)
@@ -114,8 +120,9 @@ def test_c021_below_minimum_version(harness: ManagerHarness) -> None:
     c = case("C021")
     harness.seed_agent(agent(1, version="Wazuh v2.1.1"))
     assert item(send_case(harness, c)) == {**c["expected"]["response_item"], "agent": 1}
-    custom = harness.upgrade({"command": "upgrade_custom",
-                              "parameters": {"agents": [1], "file_path": "/tmp/x.wpk"}})
+    custom = harness.upgrade(
+        {"command": "upgrade_custom", "parameters": {"agents": [1], "file_path": "/tmp/x.wpk"}}
+    )
     assert item(custom)["error"] == 11
 
 
@@ -125,8 +132,12 @@ def test_c022_macos_below_430(make_harness: Any) -> None:
     h.seed_agent(agent(1, os_platform="darwin", version="Wazuh v4.2.0"))
     assert item(send_case(h, c)) == {**c["expected"]["response_item"], "agent": 1}
     h.seed_agent(agent(2, os_platform="darwin", version="Wazuh v4.3.0"))
-    forced = h.upgrade({"command": "upgrade", "parameters": {"agents": [2], "version": "v4.3.0",
-                                                             "force_upgrade": True}})
+    forced = h.upgrade(
+        {
+            "command": "upgrade",
+            "parameters": {"agents": [2], "version": "v4.3.0", "force_upgrade": True},
+        }
+    )
     assert item(forced)["error"] == 0
 
 
@@ -141,8 +152,13 @@ def test_c023_target_not_newer(make_harness: Any) -> None:
     # target above the manager without force: 13
     h.seed_agent(agent(2, version="Wazuh v3.9.1"))
     above = h.upgrade({"command": "upgrade", "parameters": {"agents": [2], "version": "v3.13.1"}})
-    assert item(above) == {"error": 13, "agent": 2, "message": (
-        "Upgrading an agent to a version higher than the manager requires the force flag")}
+    assert item(above) == {
+        "error": 13,
+        "agent": 2,
+        "message": (
+            "Upgrading an agent to a version higher than the manager requires the force flag"
+        ),
+    }
 
 
 def test_c025_force_bypasses_version_checks(make_harness: Any) -> None:
@@ -168,8 +184,9 @@ def test_c027_custom_skips_version_comparisons(make_harness: Any) -> None:
 def test_c028_already_upgrading(harness: ManagerHarness, status: TaskStatus) -> None:
     c = case("C028")
     harness.seed_agent(agent(9, connection_status="disconnected"))
-    (task,) = harness.store.create_tasks([9], "node01", "upgrade_module", "upgrade",
-                                         TaskParams(command="upgrade"))
+    (task,) = harness.store.create_tasks(
+        [9], "node01", "upgrade_module", "upgrade", TaskParams(command="upgrade")
+    )
     if status is TaskStatus.IN_PROGRESS:
         assert harness.store.set_task_status(task.task_id, "node01", status)
     harness.seed_agent(agent(9))
@@ -181,18 +198,25 @@ def test_c028_finished_task_allows_new_one(harness: ManagerHarness) -> None:
     (task,) = harness.store.create_tasks([9], "node01", "upgrade_module", "upgrade")
     harness.store.set_task_status(task.task_id, "node01", TaskStatus.IN_PROGRESS)
     harness.store.set_task_status(task.task_id, "node01", TaskStatus.DONE)
-    reply = harness.upgrade({"command": "upgrade_custom",
-                             "parameters": {"agents": [9], "file_path": "/nowhere/a.wpk"}})
+    reply = harness.upgrade(
+        {"command": "upgrade_custom", "parameters": {"agents": [9], "file_path": "/nowhere/a.wpk"}}
+    )
     assert item(reply)["error"] == 0
 
 
 def test_duplicate_agent_in_one_request(harness: ManagerHarness) -> None:
     harness.seed_agent(agent(3))
-    reply = harness.upgrade({"command": "upgrade_custom",
-                             "parameters": {"agents": [3, 3], "file_path": "/nowhere/a.wpk"}})
-    assert reply["data"][0] == {"error": 10, "agent": 3,
-                                "message": "Upgrade procedure could not start. Agent already "
-                                           "upgrading"}
+    reply = harness.upgrade(
+        {
+            "command": "upgrade_custom",
+            "parameters": {"agents": [3, 3], "file_path": "/nowhere/a.wpk"},
+        }
+    )
+    assert reply["data"][0] == {
+        "error": 10,
+        "agent": 3,
+        "message": "Upgrade procedure could not start. Agent already upgrading",
+    }
     assert reply["data"][1]["error"] == 0
 
 

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from shared_cases import case
+
 from wpk_upgrade.protocol import (
     RequestRejected,
     parse_task_request,
@@ -41,11 +41,24 @@ def test_parameter_defaults_c014() -> None:
         assert req.params.get(key) == parsed[key]
     assert req.params.get("use_http", False) is parsed["use_http"]
     assert req.params.get("force_upgrade", False) is parsed["force_upgrade"]
-    full = {"command": "upgrade", "parameters": {"agents": [1], "wpk_repo": "wazuh.com",
-            "version": "v4.0.0", "use_http": False, "force_upgrade": True, "extra": 1}}
+    full = {
+        "command": "upgrade",
+        "parameters": {
+            "agents": [1],
+            "wpk_repo": "wazuh.com",
+            "version": "v4.0.0",
+            "use_http": False,
+            "force_upgrade": True,
+            "extra": 1,
+        },
+    }
     req = parse_upgrade_request(json.dumps(full).encode())
-    assert req.params == {"wpk_repo": "wazuh.com", "version": "v4.0.0", "use_http": False,
-                          "force_upgrade": True}
+    assert req.params == {
+        "wpk_repo": "wazuh.com",
+        "version": "v4.0.0",
+        "use_http": False,
+        "force_upgrade": True,
+    }
 
 
 @pytest.mark.parametrize(
@@ -98,21 +111,50 @@ def test_invalid_utf8_is_a_parse_error() -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=20,
 )
-keys = st.sampled_from(["origin", "command", "parameters", "agents", "name", "module", "status",
-                        "wpk_repo", "version", "use_http", "force_upgrade", "package_type",
-                        "file_path", "installer", "error", "message", "error_msg"])
-commands = st.sampled_from(["upgrade", "upgrade_custom", "upgrade_result",
-                            "upgrade_update_status", "upgrade_get_status",
-                            "upgrade_cancel_tasks", "x"])
+keys = st.sampled_from(
+    [
+        "origin",
+        "command",
+        "parameters",
+        "agents",
+        "name",
+        "module",
+        "status",
+        "wpk_repo",
+        "version",
+        "use_http",
+        "force_upgrade",
+        "package_type",
+        "file_path",
+        "installer",
+        "error",
+        "message",
+        "error_msg",
+    ]
+)
+commands = st.sampled_from(
+    [
+        "upgrade",
+        "upgrade_custom",
+        "upgrade_result",
+        "upgrade_update_status",
+        "upgrade_get_status",
+        "upgrade_cancel_tasks",
+        "x",
+    ]
+)
 messages = st.fixed_dictionaries(
-    {"command": commands | json_values,
-     "parameters": st.dictionaries(keys, json_values | st.lists(st.integers()), max_size=6)
-     | json_values,
-     "origin": st.dictionaries(keys, json_values | st.text(), max_size=3) | json_values},
+    {
+        "command": commands | json_values,
+        "parameters": st.dictionaries(keys, json_values | st.lists(st.integers()), max_size=6)
+        | json_values,
+        "origin": st.dictionaries(keys, json_values | st.text(), max_size=3) | json_values,
+    },
 )
 
 

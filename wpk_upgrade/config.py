@@ -111,6 +111,7 @@ class UpgradeSection:
     command_timeout: float = 60.0
     installer_timeout: float = 600.0
     open_attempts: int = 10
+    open_retry_delay: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,7 @@ class _UpgradeSchema(Schema):
     command_timeout = fields.Float(load_default=60.0, validate=validate.Range(min=0.1))
     installer_timeout = fields.Float(load_default=600.0, validate=validate.Range(min=1))
     open_attempts = fields.Integer(load_default=10, validate=validate.Range(1, 100))
+    open_retry_delay = fields.Float(load_default=1.0, validate=validate.Range(0, 60))
 
     @post_load
     def make(self, data: dict[str, Any], **_: Any) -> UpgradeSection:

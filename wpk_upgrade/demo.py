@@ -45,7 +45,8 @@ upgrade_dir="$home/var/upgrade"
 new_version="$(cat "$upgrade_dir/VERSION")"
 (
   sleep 0.3
-  cp "$upgrade_dir/VERSION" "$home/etc/version.new" && mv "$home/etc/version.new" "$home/etc/version"
+  cp "$upgrade_dir/VERSION" "$home/etc/version.new" &&
+    mv "$home/etc/version.new" "$home/etc/version"
   rm -f "$home/var/run/agent.state"
   kill -HUP "$(cat "$home/var/run/agent.pid")"
   i=0
@@ -101,7 +102,7 @@ def build_wpk(paths: DemoPaths, signer: pki.CertFiles, version: str, out: Path) 
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
@@ -133,7 +134,7 @@ def write_manager_config(paths: DemoPaths, ca: pki.CaFiles, port: int) -> Path:
         "[upgrade]\nmax_threads = 8\nchunk_size = 32768\n"
         '[task_manager]\ntask_timeout = "5m"\nsweep_interval = 5\n'
         f'[transport]\nname = "tcp"\noptions = {{ listen = "127.0.0.1:{port}", heartbeat = 5.0 }}\n'
-        f'[sources.https.options]\nca_bundle = "{ca.cert}"\n'
+        f'[sources.https]\nca_bundle = "{ca.cert}"\n'
     )
     return config
 
@@ -185,8 +186,11 @@ def connected(home: Path) -> bool:
 
 def watch(task_socket: Path, agents: list[int], timeout: float) -> dict[str, Any]:
     """Poll ``upgrade_result``, printing one line per agent whenever something changes."""
-    query = {"origin": {"module": "api"}, "command": "upgrade_result",
-             "parameters": {"agents": agents}}
+    query = {
+        "origin": {"module": "api"},
+        "command": "upgrade_result",
+        "parameters": {"agents": agents},
+    }
     shown: dict[int, str] = {}
     deadline = time.monotonic() + timeout
     reply: dict[str, Any] = {}
@@ -197,8 +201,10 @@ def watch(task_socket: Path, agents: list[int], timeout: float) -> dict[str, Any
             progress = item.get("progress")
             pct = ""
             if progress and progress["total"]:
-                pct = f" {100 * progress['sent'] // progress['total']:3d}% of " \
-                      f"{progress['total'] / 1048576:.1f} MiB"
+                pct = (
+                    f" {100 * progress['sent'] // progress['total']:3d}% of "
+                    f"{progress['total'] / 1048576:.1f} MiB"
+                )
             line = f"  agent {item['agent']:03d}: {status}{pct}"
             if item.get("error_msg") and status not in ("Updated",):
                 line += f" ({item['error_msg']})"
@@ -240,10 +246,18 @@ def run_demo(agents: int = 3, keep: bool = False) -> int:
         say(f"wpk-upgrade demo in {root}")
         say("1. lab PKI: a CA, a WPK signing certificate, a TLS certificate for the repository")
         ca = pki.create_ca(paths.pki / "ca")
-        signer = pki.issue_certificate(ca.cert, ca.key, paths.pki, "demo WPK signer", "code",
-                                       basename="signer")
-        tls = pki.issue_certificate(ca.cert, ca.key, paths.pki, "localhost", "server",
-                                    san=["127.0.0.1", "localhost"], basename="repo-tls")
+        signer = pki.issue_certificate(
+            ca.cert, ca.key, paths.pki, "demo WPK signer", "code", basename="signer"
+        )
+        tls = pki.issue_certificate(
+            ca.cert,
+            ca.key,
+            paths.pki,
+            "localhost",
+            "server",
+            san=["127.0.0.1", "localhost"],
+            basename="repo-tls",
+        )
 
         say(f"2. signed WPK repository for {NEW_VERSION} (layout linux/deb/amd64, versions file)")
         directory = paths.repo / "4.x" / "wpk" / "linux" / "deb" / "amd64"
@@ -259,24 +273,42 @@ def run_demo(agents: int = 3, keep: bool = False) -> int:
         manager_config = write_manager_config(paths, ca, transport_port)
         python = sys.executable
         say(f"3. manager and {agents} agents as real processes (agents at {OLD_VERSION})")
-        procs.append(start([python, "-m", "wpk_upgrade.cli", "manager", "--config",
-                            str(manager_config)], paths.manager_home / "manager.log"))
+        procs.append(
+            start(
+                [python, "-m", "wpk_upgrade.cli", "manager", "--config", str(manager_config)],
+                paths.manager_home / "manager.log",
+            )
+        )
         upgrade_socket = paths.manager_home / "queue" / "tasks" / "upgrade"
         task_socket = paths.manager_home / "queue" / "tasks" / "task"
-        wait_until(lambda: upgrade_socket.exists() and task_socket.exists(), 20,
-                   "the manager sockets")
+        wait_until(
+            lambda: upgrade_socket.exists() and task_socket.exists(), 20, "the manager sockets"
+        )
         ids = list(range(1, agents + 1))
         for agent_id in ids:
             config = write_agent_config(paths, ca, agent_id, transport_port)
-            procs.append(start([python, "-m", "wpk_upgrade.cli", "agent", "--config",
-                                str(config)], paths.agent_home(agent_id) / "logs" / "agent.out"))
-        wait_until(lambda: all(connected(paths.agent_home(a)) for a in ids), 30,
-                   "the agents to connect")
+            procs.append(
+                start(
+                    [python, "-m", "wpk_upgrade.cli", "agent", "--config", str(config)],
+                    paths.agent_home(agent_id) / "logs" / "agent.out",
+                )
+            )
+        wait_until(
+            lambda: all(connected(paths.agent_home(a)) for a in ids), 30, "the agents to connect"
+        )
         say(f"   sockets: {upgrade_socket} and {task_socket}")
 
-        message = {"origin": {"module": "api"}, "command": "upgrade",
-                   "parameters": {"agents": ids, "wpk_repo": repo_url, "version": NEW_VERSION,
-                                  "use_http": False, "force_upgrade": False}}
+        message = {
+            "origin": {"module": "api"},
+            "command": "upgrade",
+            "parameters": {
+                "agents": ids,
+                "wpk_repo": repo_url,
+                "version": NEW_VERSION,
+                "use_http": False,
+                "force_upgrade": False,
+            },
+        }
         say("4. the mission's example upgrade request:")
         say("   " + json.dumps(message))
         reply = send(upgrade_socket, message)
@@ -294,9 +326,11 @@ def run_demo(agents: int = 3, keep: bool = False) -> int:
         custom = paths.root / "custom" / f"agent-{CUSTOM_VERSION}.wpk"
         custom.parent.mkdir(parents=True)
         build_wpk(paths, signer, CUSTOM_VERSION, custom)
-        message = {"origin": {"module": "api"}, "command": "upgrade_custom",
-                   "parameters": {"agents": ids, "file_path": str(custom),
-                                  "installer": "upgrade.sh"}}
+        message = {
+            "origin": {"module": "api"},
+            "command": "upgrade_custom",
+            "parameters": {"agents": ids, "file_path": str(custom), "installer": "upgrade.sh"},
+        }
         say("   " + json.dumps(message))
         say("   reply: " + json.dumps(send(upgrade_socket, message)))
         result = watch(task_socket, ids, 120)
@@ -307,9 +341,12 @@ def run_demo(agents: int = 3, keep: bool = False) -> int:
         on_disk = versions_of(paths, ids)
         announced = announced_versions(paths.manager_home, ids)
         say(f"   agent versions now: {on_disk}; announced to the manager: {announced}")
-        ok = (first_ok and second_ok
-              and all(v == CUSTOM_VERSION for v in on_disk.values())
-              and all(v == CUSTOM_VERSION for v in announced.values()))
+        ok = (
+            first_ok
+            and second_ok
+            and all(v == CUSTOM_VERSION for v in on_disk.values())
+            and all(v == CUSTOM_VERSION for v in announced.values())
+        )
     except Exception as exc:  # noqa: BLE001 - the demo reports any failure as one line
         say(f"demo failed: {type(exc).__name__}: {exc}")
         say(f"logs are under {root}")
@@ -328,7 +365,10 @@ def run_demo(agents: int = 3, keep: bool = False) -> int:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
     elapsed = time.monotonic() - started
-    say(f"{'SUCCESS' if ok else 'FAILURE'}: every agent Updated to {CUSTOM_VERSION}"
-        if ok else "FAILURE: not every agent ended Updated on the new version")
+    say(
+        f"{'SUCCESS' if ok else 'FAILURE'}: every agent Updated to {CUSTOM_VERSION}"
+        if ok
+        else "FAILURE: not every agent ended Updated on the new version"
+    )
     say(f"demo took {elapsed:.1f} s")
     return 0 if ok else 1

@@ -61,6 +61,7 @@ class Dispatcher:
             command_timeout=config.upgrade.command_timeout,
             installer_timeout=config.upgrade.installer_timeout,
             open_attempts=config.upgrade.open_attempts,
+            open_retry_delay=config.upgrade.open_retry_delay,
         )
 
     def submit(self, task_id: int) -> None:

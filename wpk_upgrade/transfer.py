@@ -9,6 +9,7 @@ raises ``UpgradeError`` with the reference code (18 to 23) and a precise detail.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -34,6 +35,7 @@ class TransferSettings:
     command_timeout: float = 60.0
     installer_timeout: float = 600.0
     open_attempts: int = 10
+    open_retry_delay: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,10 @@ class WpkPusher:
                 break
             last = reply.data
             log.debug("open attempt %d of %s failed: %s", attempt, name, last)
+            # The reference retries back to back; an agent that just restarted refuses
+            # commands until its start-up result check is over, so we wait a little.
+            if attempt < self.settings.open_attempts:
+                await asyncio.sleep(self.settings.open_retry_delay)
         else:
             raise UpgradeError(
                 UpgradeCode.SEND_OPEN_ERROR,

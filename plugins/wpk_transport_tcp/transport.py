@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 def split_address(text: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port`` allowed) -> (host, port)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"expected host:port, got {text!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
 
@@ -186,6 +186,8 @@ class TcpTransport(Transport):
                 self._tasks.add(task)
             try:
                 await self._serve_agent(hub, reader, writer)
+            except asyncio.CancelledError:
+                pass  # shutdown; asyncio 3.11 logs a cancelled connection callback as an error
             finally:
                 if task is not None:
                     self._tasks.discard(task)
