@@ -207,6 +207,10 @@ class CommandHandler:
         """Return when no command is being handled."""
         await self._idle.wait()
 
+    def close_all(self) -> None:
+        """Forget (and close) the file open for writing, if any (agent stop)."""
+        self._drop_open()
+
     @property
     def open_file(self) -> str | None:
         """Name of the file currently open for writing, if any."""
@@ -449,9 +453,14 @@ class CommandHandler:
                 self.log.warning(
                     "%s: %s is trusted on its embedded certificate only", CA_DISABLED_WARNING, name
                 )
-            unpacked = await asyncio.to_thread(
-                verify_and_unpack, path, stores, self.config.upgrade_dir, installer
-            )
+            try:
+                unpacked = await asyncio.to_thread(
+                    verify_and_unpack, path, stores, self.config.upgrade_dir, installer
+                )
+            except OSError as exc:  # the WPK itself cannot be read (reference step 2)
+                raise WpkError(
+                    AgentCode.SIGNATURE, f"cannot read {path}: {exc.strerror or exc}"
+                ) from exc
             with contextlib.suppress(OSError):
                 path.unlink()
             verified = unpacked.verified

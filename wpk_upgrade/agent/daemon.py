@@ -218,6 +218,7 @@ class AgentDaemon:
             await self._shutdown(tasks)
         finally:
             await self.local.close()
+            self.handler.close_all()
             self.set_state(False)
             for signum in signals:
                 loop.remove_signal_handler(signum)
