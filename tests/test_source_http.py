@@ -22,6 +22,7 @@ from wpk_upgrade.cache import WpkCache
 from wpk_upgrade.drivers import SOURCES, driver_class, load_options
 from wpk_upgrade.errors import PluginError, UpgradeCode, UpgradeError
 from wpk_upgrade.interfaces import WpkCandidate, WpkQuery
+from wpk_upgrade.repository import redact_url
 from wpk_upgrade.testing.source_contract import (
     WpkSourceContract,
     publish,
@@ -455,3 +456,10 @@ def test_http_through_configured_proxy(http: RepoServer) -> None:
         src = HttpRepositorySource(fast(proxy=proxy.url))
         assert src.resolve(q).sha1 == SHA1
         assert [r.path for r in proxy.requests] == [q.base_url + "linux/deb/amd64/versions"]
+
+
+def test_redact_url() -> None:
+    assert redact_url("https://u:p@h:1/a?b") == "https://u:***@h:1/a?b"
+    assert redact_url("https://tok3n@h/a") == "https://***@h/a"
+    assert redact_url("https://h/a") == "https://h/a"
+    assert redact_url("file:///srv/wpk/") == "file:///srv/wpk/"

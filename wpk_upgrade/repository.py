@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 def redact_url(url: str) -> str:
-    """``url`` without any password (``https://user:***@host/...``), safe to log or show."""
+    """``url`` without its secret (``https://user:***@host/``, ``https://***@host/`` for a bare
+    token), safe to log or show."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -36,8 +37,9 @@ def redact_url(url: str) -> str:
     if parts.password is None and "@" not in parts.netloc:
         return url
     userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    netloc = f"{user}:***@{hostport}" if user else f"***@{hostport}"
+    user, colon, _ = userinfo.partition(":")
+    # a user name alone may itself be a token: hide it too
+    netloc = f"{user}:***@{hostport}" if user and colon else f"***@{hostport}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 

@@ -5,7 +5,7 @@ Behaviour, option by option (``HttpSourceConfigSchema``):
 * ``ca_bundle``: PEM file of trusted CAs for https; default: the system store.
 * ``timeout`` (20 s): socket timeout of every request (connect, and each read while
   streaming), so also the stall detector of downloads. ``download_timeout`` (300 s): wall time
-  allowed for one ``fetch`` call, retries included.
+  allowed for one ``fetch`` (or ``read_text``) call, retries included.
 * ``retries`` (5): extra attempts after a transient failure (connection reset or aborted,
   timeout, short body, HTTP 5xx/408/429), sleeping ``backoff * n`` seconds before the n-th;
   a download that made progress since the last failure starts counting again. Permanent
