@@ -1,13 +1,18 @@
-"""The ``versions`` file parser (reference §5.4, decisions D1 and D5)."""
+"""The ``versions`` file parser (reference §5.4, decisions D1 and D5) and its cache."""
 
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wpk_upgrade import versions
+from wpk_upgrade.errors import UpgradeCode, UpgradeError
+from wpk_upgrade.repository import VersionsCache
 from wpk_upgrade.versions_file import VersionEntry, find, format_entries, latest, parse
 
 SHA_A = "f835015c6bbf87356a62bdfd513c7f1ffc16e0af"
@@ -142,3 +147,68 @@ def test_round_trip_of_generated_files(sample: tuple[list[VersionEntry], str]) -
         first = find(entries, entries[-1].version)
         assert first is not None
         assert versions.compare(first.version, entries[-1].version) == 0
+
+
+# --------------------------------------------------------------------------- VersionsCache
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_versions_cache_ttl_and_error_ttl() -> None:
+    clock = Clock()
+    cache = VersionsCache(ttl=30, error_ttl=5, clock=clock)
+    loads: list[str] = []
+
+    def ok() -> list[VersionEntry]:
+        loads.append("ok")
+        return [VersionEntry("v4.9.0", SHA_A)]
+
+    def down() -> list[VersionEntry]:
+        loads.append("down")
+        raise UpgradeError(UpgradeCode.URL_NOT_FOUND, "GET u: connection refused")
+
+    assert cache.get("u", ok) == [VersionEntry("v4.9.0", SHA_A)]
+    clock.now = 29.9
+    cache.get("u", ok)
+    assert loads == ["ok"]
+    clock.now = 30.0
+    with pytest.raises(UpgradeError):
+        cache.get("u", down)
+    clock.now = 34.0
+    with pytest.raises(UpgradeError) as info:
+        cache.get("u", ok)  # the failure is remembered for error_ttl
+    assert info.value.code == UpgradeCode.URL_NOT_FOUND
+    assert info.value.detail == "GET u: connection refused"
+    clock.now = 35.0
+    cache.get("u", ok)
+    assert loads == ["ok", "down", "ok"]
+    cache.get("other", ok)
+    assert loads == ["ok", "down", "ok", "ok"]
+
+
+def test_versions_cache_one_loader_for_many_threads() -> None:
+    cache = VersionsCache()
+    loads: list[int] = []
+    barrier = threading.Barrier(20)
+
+    def load() -> list[VersionEntry]:
+        loads.append(1)
+        time.sleep(0.2)
+        return []
+
+    def worker() -> None:
+        barrier.wait()
+        cache.get("u", load)
+
+    threads = [threading.Thread(target=worker) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert loads == [1]
