@@ -516,25 +516,36 @@ class SqlTaskStore(TaskStore):
     def bulk_load(self, tasks: Iterable[Task], batch: int = 1000) -> int:
         """Insert many tasks as they are (ids ignored, no history rows): benchmarks, imports.
 
-        Returns how many rows were inserted; each batch is its own transaction.
+        Uses the driver's ``executemany``; each batch is its own transaction. Returns how
+        many rows were inserted.
         """
-        total = 0
-        batch_rows: list[dict[str, Any]] = []
+        db, _ = self._handles()
+        p = db.param
+        sql = (
+            f"INSERT INTO tasks ({', '.join(_BULK_COLUMNS)}) "
+            f"VALUES ({', '.join([p] * len(_BULK_COLUMNS))})"
+        )
 
-        def flush(rows: list[dict[str, Any]]) -> int:
-            def op(m: StoreModels) -> int:
-                m.task.insert_many(rows).as_rowcount().execute()
+        def flush(rows: list[tuple[Any, ...]]) -> int:
+            def op(_: StoreModels) -> int:
+                cursor = db.cursor()
+                try:
+                    cursor.executemany(sql, rows)
+                finally:
+                    cursor.close()
                 return len(rows)
 
             return self._run("bulk load tasks", op)
 
+        total = 0
+        pending: list[tuple[Any, ...]] = []
         for task in tasks:
-            batch_rows.append(_task_values(task))
-            if len(batch_rows) >= batch:
-                total += flush(batch_rows)
-                batch_rows = []
-        if batch_rows:
-            total += flush(batch_rows)
+            pending.append(_task_values(task))
+            if len(pending) >= batch:
+                total += flush(pending)
+                pending = []
+        if pending:
+            total += flush(pending)
         return total
 
     # ------------------------------------------------------------------ agents
@@ -644,20 +655,33 @@ def _moved_task(row: Any, status: TaskStatus, when: int) -> Task:
     )
 
 
-def _task_values(task: Task) -> dict[str, Any]:
-    return {
-        "agent_id": task.agent_id,
-        "node": task.node,
-        "module": task.module,
-        "command": task.command,
-        "status": TaskStatus(task.status).value,
-        "create_time": task.create_time,
-        "update_time": task.update_time,
-        "error_msg": task.error_msg,
-        "params": None,
-        "bytes_sent": task.bytes_sent,
-        "bytes_total": task.bytes_total,
-    }
+_BULK_COLUMNS = (
+    "agent_id",
+    "node",
+    "module",
+    "command",
+    "status",
+    "create_time",
+    "update_time",
+    "error_msg",
+    "bytes_sent",
+    "bytes_total",
+)
+
+
+def _task_values(task: Task) -> tuple[Any, ...]:
+    return (
+        task.agent_id,
+        task.node,
+        task.module,
+        task.command,
+        TaskStatus(task.status).value,
+        task.create_time,
+        task.update_time,
+        task.error_msg,
+        task.bytes_sent,
+        task.bytes_total,
+    )
 
 
 def _filter_condition(t: Any, flt: TaskFilter) -> Any:
