@@ -745,7 +745,8 @@ class _DirSink:
         try:
             return func(*args)
         except OSError as exc:
-            raise WpkError(_UNMERGE, f"cannot write member '{self._name}': {exc}") from None
+            detail = f"cannot write member '{_clip(self._name)}': {exc.strerror or exc}"
+            raise WpkError(_UNMERGE, detail) from None
 
 
 class _MergedParser:
@@ -794,8 +795,8 @@ class _MergedParser:
     def finish(self) -> None:
         if self._current is not None:
             self._fail(
-                f"member '{self._current}' truncated: {self._remaining} announced bytes missing "
-                "at the end of the payload"
+                f"member '{_clip(self._current)}' truncated: {self._remaining} announced "
+                "bytes missing at the end of the payload"
             )
         if self._line.startswith(b"!"):
             self._fail("member header truncated at the end of the payload")
@@ -822,23 +823,24 @@ class _MergedParser:
         try:
             name = normalize_member_name(raw)
         except ValueError as exc:
-            self._fail(f"unsafe member name {raw!r}: {exc}")
+            self._fail(f"unsafe member name {_clip(repr(raw))}: {exc}")
         if name in self._files:
-            self._fail(f"duplicate member '{name}'")
+            self._fail(f"duplicate member '{_clip(name)}'")
         if name in self._dirs:
-            self._fail(f"member '{name}' clashes with a directory of the same name")
+            self._fail(f"member '{_clip(name)}' clashes with a directory of the same name")
         parts = name.split("/")
         for i in range(1, len(parts)):
             prefix = "/".join(parts[:i])
             if prefix in self._files:
-                self._fail(f"member '{name}' is below member '{prefix}', which is a file")
+                self._fail(f"member '{_clip(name)}' is below member '{_clip(prefix)}', a file")
             self._dirs.add(prefix)
         lim = self._limits
         if len(self.members) >= lim.max_members:
             self._fail(f"more than {lim.max_members} members (limit)")
         if size > lim.max_member_size:
             self._fail(
-                f"member '{name}' announces {size} bytes, over the {lim.max_member_size} limit"
+                f"member '{_clip(name)}' announces {size} bytes, "
+                f"over the {lim.max_member_size} limit"
             )
         self._files.add(name)
         self.members.append(Member(name, size))
@@ -1096,6 +1098,11 @@ def describe_certificate(cert: x509.Certificate) -> dict[str, Any]:
         "self_signed": cert.subject == cert.issuer,
         "sha256_fingerprint": cert.fingerprint(hashes.SHA256()).hex(),
     }
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    """``text`` shortened for an error message (member names can be 2 KiB long)."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _error_line(exc: WpkError) -> str:
