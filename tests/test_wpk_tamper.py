@@ -611,3 +611,9 @@ def test_code_ranking_follows_the_reference_order(lab: dict[str, object], tmp_pa
     # traversal member + bad installer name -> 16
     package = signed(lab, tmp_path, payload, "y.wpk")
     refused(tmp_path, package, UNMERGE, ca=ca_of(lab), installer="../x")
+
+
+def test_missing_package(lab: dict[str, object], tmp_path: Path) -> None:
+    err = refused(tmp_path, tmp_path / "nope.wpk", SIG, ca=ca_of(lab))
+    assert "cannot open WPK" in err.detail
+    assert wpk.inspect(tmp_path / "nope.wpk")["errors"][0].startswith("cannot read file")

@@ -89,6 +89,7 @@ __all__ = [
     "UnpackedWpk",
     "VerifiedWpk",
     "WpkHeader",
+    "describe_certificate",
     "file_digests",
     "inspect",
     "normalize_member_name",
@@ -261,9 +262,17 @@ def normalize_member_name(raw: str) -> str:
 # header
 
 
+def _open_wpk(path: Path | str) -> IO[bytes]:
+    """Open a WPK for reading; a missing or unreadable file is a code-13 refusal."""
+    try:
+        return open(path, "rb")  # the caller closes it
+    except OSError as exc:
+        raise WpkError(_SIG, f"cannot open WPK '{path}': {exc.strerror or exc}") from exc
+
+
 def read_header(path: Path | str) -> WpkHeader:
     """Read magic, signer certificate and signature; never reads the payload."""
-    with open(path, "rb") as fh:
+    with _open_wpk(path) as fh:
         return _read_header(fh)
 
 
@@ -349,9 +358,11 @@ def verify(
     certificate files (OpenSSL hashed directories work); unreadable entries are logged and
     skipped. ``ca_stores=None`` disables CA verification as the reference does: the signature is
     still checked against the embedded certificate and the result says ``ca_verified=False``.
-    ``at`` is the time for the validity checks (default now).
+    ``at`` is the time for the validity checks (default now; a naive datetime is taken as
+    UTC). The signer's keyUsage extension is not checked (OpenSSL's default verification, which
+    the reference uses, does not either).
     """
-    with open(path, "rb") as fh:
+    with _open_wpk(path) as fh:
         verified, _header = _verify_open(fh, Path(path), ca_stores, at)
     return verified
 
@@ -929,7 +940,7 @@ def unpack(
     valid is ``dest`` emptied and the unpacked entries renamed into it. On failure nothing
     outside the temporary directory is written and that directory is removed.
     """
-    with open(path, "rb") as fh:
+    with _open_wpk(path) as fh:
         header = _read_header(fh)
         return list(_unpack_open(fh, header, Path(dest), limits, None, None))
 
@@ -1019,7 +1030,7 @@ def verify_and_unpack(
     then unpack) through one open descriptor, and the payload is hashed again while unpacking:
     a WPK changed between the two passes is refused (13).
     """
-    with open(path, "rb") as fh:
+    with _open_wpk(path) as fh:
         verified, header = _verify_open(fh, Path(path), ca_stores, at)
         members = _unpack_open(fh, header, Path(dest), limits, verified.payload_sha256, installer)
     dest_path = Path(os.path.abspath(dest)).resolve()
@@ -1046,7 +1057,7 @@ def inspect(path: Path | str, limits: UnpackLimits = UnpackLimits()) -> dict[str
     except OSError as exc:
         errors.append(f"cannot read file: {exc}")
         return info
-    with open(path, "rb") as fh:
+    with _open_wpk(path) as fh:
         try:
             header = _read_header(fh)
         except WpkError as exc:
