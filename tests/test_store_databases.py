@@ -8,6 +8,7 @@ a remote one).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -109,6 +110,21 @@ class TestMariadbStore(TaskStoreContract, CrossProcessContract):
         assert level == "READ-COMMITTED"
 
 
+@pytest.mark.parametrize("kind", [databases.POSTGRESQL, databases.MYSQL])
+def test_store_survives_killed_connections(kind: str) -> None:
+    server = databases.server_or_skip(kind)
+    with databases.temporary_database(server, prefix="wpk_store_test") as url:
+        store = SqlTaskStore(url)
+        store.open()
+        try:
+            create(store, [1])
+            assert databases.terminate_connections(server, url) >= 1
+            assert [t.task_id for t in create(store, [2])] == [2]
+            assert sorted(store.latest_tasks([1, 2])) == [1, 2]
+        finally:
+            store.close()
+
+
 def test_databases_helpers_round_trip() -> None:
     server = databases.server_or_skip(databases.POSTGRESQL)
     url = databases.create_database(server, prefix="wpk_helper_test")
@@ -122,3 +138,43 @@ def test_databases_helpers_round_trip() -> None:
         databases.drop_database(server, url)
     assert not databases.reachable(url)
     store.close()
+
+
+# ---------------------------------------------------------------------- finding servers
+
+
+def test_find_server_starts_an_installed_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = iter([False, False, True])
+    started: list[list[str]] = []
+    monkeypatch.delenv(databases.POSTGRES_URL_ENV, raising=False)
+    monkeypatch.setattr(databases, "reachable", lambda url, timeout=2.0: next(answers))
+    monkeypatch.setattr(databases, "_postgres_start_commands", lambda: [["pg_ctlcluster", "x"]])
+    monkeypatch.setattr(databases, "_start", lambda kind, cmds: started.extend(cmds))
+    monkeypatch.setattr(databases.time, "sleep", lambda s: None)
+    server = databases.find_server(databases.POSTGRESQL)
+    assert server.admin_url == databases.DEFAULT_POSTGRES_URL
+    assert started == [["pg_ctlcluster", "x"]]
+
+
+def test_find_server_not_installed_or_not_starting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(databases.MYSQL_URL_ENV, raising=False)
+    monkeypatch.setattr(databases, "reachable", lambda url, timeout=2.0: False)
+    monkeypatch.setattr(databases, "_mysql_start_commands", lambda: [])
+    with pytest.raises(databases.ServerNotInstalled, match="WPK_TEST_MYSQL_URL"):
+        databases.find_server(databases.MYSQL)
+    monkeypatch.setenv(databases.MYSQL_URL_ENV, "mysql://root@127.0.0.1:1/mysql")
+    with pytest.raises(databases.ServerUnavailable):
+        databases.find_server(databases.MYSQL)
+    monkeypatch.setattr(databases, "_mysql_start_commands", lambda: [["mariadbd"]])
+    monkeypatch.setattr(databases, "_start", lambda kind, cmds: None)
+    with pytest.raises(databases.ServerUnavailable, match="did not accept connections"):
+        databases.find_server(databases.MYSQL, timeout=0.2)
+
+
+def test_server_url_for_and_unique_names() -> None:
+    server = databases.Server(databases.MYSQL, "mysql://root:pw@db:3306/mysql?charset=utf8mb4")
+    assert server.url_for("x_1") == "mysql://root:pw@db:3306/x_1?charset=utf8mb4"
+    names = {databases.unique_name("wpk_t") for _ in range(50)}
+    assert len(names) == 50 and all(n.startswith(f"wpk_t_{os.getpid()}_") for n in names)
+    with pytest.raises(ValueError):
+        databases.unique_name("bad-prefix")

@@ -272,6 +272,38 @@ def temporary_database(server: Server, prefix: str = "wpk_test") -> Iterator[str
         drop_database(server, url)
 
 
+def terminate_connections(server: Server, url: str) -> int:
+    """Kill every session connected to the database of ``url`` (as a server restart would).
+
+    Returns how many were killed.
+    """
+    name = urlsplit(url).path.lstrip("/")
+    conn = connect(server.admin_url)
+    try:
+        with conn.cursor() as cur:
+            if server.kind == POSTGRESQL:
+                cur.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (name,),
+                )
+                return len(cur.fetchall())
+            cur.execute(
+                "SELECT id FROM information_schema.processlist "
+                "WHERE db = %s AND id <> CONNECTION_ID()",
+                (name,),
+            )
+            ids = [row[0] for row in cur.fetchall()]
+            for session in ids:
+                try:
+                    cur.execute(f"KILL {int(session)}")
+                except Exception:  # noqa: BLE001 - it may have ended meanwhile
+                    pass
+            return len(ids)
+    finally:
+        conn.close()
+
+
 def drop_stale_databases(server: Server, prefix: str = "wpk_test") -> list[str]:
     """Drop databases named by ``unique_name(prefix)`` whose creating process is gone."""
     pattern = re.compile(rf"^{re.escape(prefix)}_(\d+)_[0-9a-f]{{8}}$")
