@@ -215,7 +215,7 @@ def free_port() -> int:
 class AgentProcess:
     """``python -m wpk_upgrade.agent --config FILE`` with stderr in a file we can watch."""
 
-    def __init__(self, home: Path, address: str, extra: str = "") -> None:
+    def __init__(self, home: Path, address: str, result_wait: float = 0.1) -> None:
         self.home = home
         self.config_path = home / "etc" / "agent.toml"
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +223,7 @@ class AgentProcess:
             f'home = "{home}"\n[agent]\nid = 5\nname = "proc"\n'
             f'[manager]\ntransport = "tcp"\n'
             f'options = {{ address = "{address}", reconnect_min = 0.05, heartbeat = 2.0 }}\n'
-            f"[upgrade]\nresult_wait = 0.1\n{extra}"
+            f"[upgrade]\nresult_wait = {result_wait}\n"
         )
         self.socket = home / "queue" / "sockets" / "upgrade"
         self.log_path = home / "stderr.log"
@@ -374,5 +374,73 @@ def test_lock_restart_defers_sighup(home: Path, tmp_path: Path) -> None:
             assert "deferred up to 2 s by lock_restart" in agent.log
             # it reconnects after the restart
             agent.wait_for(lambda: agent.log.count("connected to the manager") >= 2, "reconnect")
+        finally:
+            assert agent.stop() == 0
+
+
+# Like the reference upgrade.sh: exit 0 at once; a background part "installs" (new version
+# file), restarts the agent with SIGHUP, waits until it is connected again and writes the result.
+UPGRADE_SH = """#!/bin/sh
+state="$WPK_AGENT_HOME/var/run/agent.state"
+(
+  sleep 0.2
+  cp version "$WPK_AGENT_HOME/etc/version"
+  kill -HUP "$(cat "$WPK_AGENT_HOME/var/run/agent.pid")"
+  i=0
+  while ! grep -q status=disconnected "$state" && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
+  while ! grep -q status=connected "$state" && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done
+  printf 0 > "$WPK_AGENT_HOME/var/upgrade/upgrade_result"
+) >/dev/null 2>&1 &
+exit 0
+"""
+
+
+def test_c115_real_upgrade_end_to_end(home: Path, tmp_path: Path) -> None:
+    """C115 with our own parts: a manager node, the agent as a process, a WPK signed by a lab
+    CA the agent trusts. The manager pushes it (upgrade_custom); the installer restarts the
+    agent, which reports "Done" and announces the new version."""
+    from wpk_upgrade import pki, wpk
+
+    ca = pki.create_ca(tmp_path / "ca")
+    signer = pki.issue_certificate(ca.cert, ca.key, tmp_path / "signer", "signer", "code")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "upgrade.sh").write_text(UPGRADE_SH)
+    (src / "version").write_text("v4.9.1\n")
+    package = tmp_path / "agent_v4.9.1.wpk"
+    wpk.pack(package, signer.cert, signer.key, [src / "upgrade.sh", src / "version"])
+    (home / "etc").mkdir()
+    shutil.copy(ca.cert, home / "etc" / "wpk_root.pem")
+    (home / "etc" / "version").write_text("v4.9.0\n")
+
+    with ManagerHarness(manager_config(tmp_path / "manager")) as harness:
+        agent = AgentProcess(home, harness.transport_address, result_wait=1.5)
+        agent.start()
+        try:
+            agent.wait_started(1)
+            assert harness.manager is not None
+            hub = harness.manager.hub
+            agent.wait_for(lambda: hub.link(5) is not None, "manager sees the agent")
+            agent.wait_for(lambda: "upgrades allowed" in agent.log, "start-up result check")
+            reply = harness.upgrade(
+                {
+                    "origin": {"module": "api"},
+                    "command": "upgrade_custom",
+                    "parameters": {
+                        "agents": [5],
+                        "file_path": str(package),
+                        "installer": "upgrade.sh",
+                    },
+                }
+            )
+            assert reply["error"] == 0, reply
+            (item,) = harness.wait_final([5], timeout=40)
+            assert item["status"] == "Updated", (item, agent.log)
+            assert agent.log.count(" starting, pid ") == 2
+            assert "version v4.9.1 starting" in agent.log
+            assert "reported upgrade result 0 (Done)" in agent.log
+            harness.wait_for(lambda: not (home / "var/upgrade/upgrade_result").exists())
+            stored = harness.store.get_agent(5)
+            assert stored is not None and stored.version == "v4.9.1"
         finally:
             assert agent.stop() == 0
