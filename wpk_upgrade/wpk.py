@@ -28,22 +28,28 @@ Public API::
 Everything streams in 1 MiB blocks: a WPK is never held in memory. Every refusal of a WPK raises
 ``WpkError(code, detail)`` with the agent code of the failed step (reference §6.3):
 
-    13 SIGNATURE          magic, certificate, key type, signature, CA chain, dates, EKU; also
-                          "the payload changed after its signature was verified"
+    13 SIGNATURE          file cannot be opened, magic, certificate, key type, signature, CA
+                          chain, dates, EKU; also "the payload changed after its signature was
+                          verified" (the unpack pass re-hashes the payload)
     14 UNCOMPRESS         corrupt, truncated or empty gzip stream, trailing garbage, and the
                           gzip-bomb limits applied to the decompressed byte flow (total unpacked
                           size, compression ratio)
     15 CLEAN_UPGRADE_DIR  the destination could not be emptied
-    16 UNMERGE            merged-file structure: header line too long or malformed, unsafe or
-                          duplicate member name, truncated member, member count and single
+    16 UNMERGE            merged-file structure: a line over 2048 bytes (newline included;
+                          skipped lines and the tag too), a malformed ``!<size> <name>`` header,
+                          an unsafe or duplicate member name (see ``normalize_member_name``), a
+                          member announcing more bytes than remain, the member count and single
                           member size limits, a payload with no member, write errors
     5  INVALID_FILE_NAME  the installer name is empty, absolute, has a ``..`` part or a NUL
     17 CHMOD              the installer is not a member of the package (the reference fails at
                           its chmod step in this case)
 
 Checks run in the reference order (13, 14, 16, 5) and all of them run before ``dest`` is
-touched: the payload is unpacked into a private temporary directory beside ``dest``; only when
-it is complete and valid is ``dest`` emptied (15) and the unpacked entries renamed into it.
+touched: the payload is unpacked into a private temporary directory (mode 0700) beside ``dest``
+(files 0640, directories 0750, never through a symlink); only when it is complete and valid is
+``dest`` emptied (15: everything in it, including an old ``upgrade_result``; symlinks are
+removed, not followed) and the unpacked entries renamed into it. On any failure the temporary
+directory is removed and nothing else has been written.
 Where several faults exist the reference's code wins: a structure fault followed by a corrupt
 gzip stream is reported as 14, as the reference (which gunzips fully first) would.
 
@@ -792,8 +798,8 @@ class _MergedParser:
             if nl < 0:
                 if end - pos >= room:
                     self._fail(
-                        f"line {self._line_no + 1} of the merged file is longer than "
-                        f"{MAX_HEADER_LINE} bytes"
+                        f"merged-file line {self._line_no + 1} (member data not counted) is "
+                        f"longer than {MAX_HEADER_LINE} bytes"
                     )
                 self._line += view[pos:]
                 pos = end
