@@ -144,9 +144,7 @@ def test_issue_refusals(ca: pki.CaFiles, tmp_path: Path) -> None:
         pki.issue_certificate(ca.cert, ca.key, tmp_path, "x", "email")  # type: ignore[arg-type]
     now = datetime.now(UTC)
     with pytest.raises(WpkUpgradeError, match="validity is empty"):
-        pki.issue_certificate(
-            ca.cert, ca.key, tmp_path, "x", "code", not_before=now, not_after=now
-        )
+        pki.issue_certificate(ca.cert, ca.key, tmp_path, "x", "code", not_before=now, not_after=now)
     with pytest.raises(WpkUpgradeError, match="cannot load certificate"):
         pki.issue_certificate(tmp_path / "missing.pem", ca.key, tmp_path, "x", "code")
     pki.issue_certificate(ca.cert, ca.key, tmp_path, "same", "code", key_size=1024)
