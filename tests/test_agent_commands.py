@@ -248,6 +248,20 @@ def test_c101_open_fails_at_os_level(home: Path, via: str) -> None:
     drive(config, via, scenario)
 
 
+def test_open_does_not_follow_symlinks(home: Path, via: str) -> None:
+    config = make_config(home)
+    victim = home / "etc" / "important"
+    victim.write_text("keep me")
+    (config.incoming_dir / "agent.wpk").symlink_to(victim)
+
+    async def scenario(agent: Agent) -> None:
+        reply = await agent.send(cmd("open", mode="wb", file="agent.wpk"))
+        assert reply == answer(6, "File Open Error: Too many levels of symbolic links")
+
+    drive(config, via, scenario)
+    assert victim.read_text() == "keep me"
+
+
 def test_c102_open_succeeds(home: Path, via: str) -> None:
     config = make_config(home)
     target = config.incoming_dir / "test_file"

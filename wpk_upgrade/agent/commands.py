@@ -18,6 +18,8 @@ in compact JSON. Commands: ``open``, ``write``, ``close``, ``sha1``, ``upgrade``
   too, so that it cannot open the gate;
 * file names are jailed in ``var/incoming``: empty, ``.``, anything containing ``..``, ``/``,
   ``\\`` or NUL -> 5;
+* ``open`` does not follow a symlink at ``var/incoming/<file>`` (6, "Too many levels of
+  symbolic links");
 * after a successful verification and unpacking the received WPK is deleted from
   ``var/incoming`` (what the reference meant to do, §11.14).
 
@@ -245,9 +247,9 @@ class CommandHandler:
             return reply(AgentCode.OK, await func(params))
         except AgentCommandError as exc:
             return self._refuse(command, exc)
-        except Exception as exc:
+        except Exception:
             self.log.exception("command %r failed unexpectedly", command)
-            return reply(AgentCode.EXECUTE, f"{agent_message(AgentCode.EXECUTE)}: {exc}")
+            return reply(AgentCode.EXECUTE)
 
     def _refuse(self, command: str | None, exc: AgentCommandError) -> str:
         self.log.warning(
@@ -281,6 +283,7 @@ class CommandHandler:
         length = _required(params, "length", int)
         if length < 0:
             raise AgentCommandError(AgentCode.REQUIRED_PARAMETERS, "'length' is negative")
+        # name and open-file checks first, so that 5/7/9 take precedence over 10
         self._incoming(name)
         self._check_open(name, for_write=True)
         try:
@@ -360,7 +363,9 @@ class CommandHandler:
         if mode not in FILE_MODES:
             raise AgentCommandError(AgentCode.UNSUPPORTED_MODE, f"mode {mode!r}")
         path = self._incoming(name)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
+        # never through a symlink planted in var/incoming
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
         try:
             fd = os.open(path, flags, 0o640)
         except OSError as exc:
@@ -380,7 +385,7 @@ class CommandHandler:
         if len(data) != length:
             raise AgentCommandError(
                 AgentCode.CANNOT_WRITE,
-                f"At write: Cannot write on '{current.path}': {len(data)} bytes received, "
+                f"write to '{current.path}' refused: {len(data)} bytes received, "
                 f"{length} announced",
             )
         view = memoryview(data)
