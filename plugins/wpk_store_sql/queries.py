@@ -20,9 +20,10 @@ from typing import Any, TypeVar
 
 import peewee as pw
 
-from wpk_upgrade.models import TaskStatus, check_transition
+from wpk_upgrade.interfaces import TaskFilter
+from wpk_upgrade.models import Task, TaskStatus, check_transition
 
-from .models import StoreModels
+from .models import StoreModels, to_task
 
 CHUNK = 500  # ids per IN (...) list: well below SQLite's bound-parameter limit
 
@@ -220,3 +221,98 @@ def delete_foreign_pending(m: StoreModels, row: Any, node: str, when: int) -> bo
     )
     add_history(m, [entry])
     return True
+
+
+def insert_task(
+    m: StoreModels,
+    agent_id: int,
+    node: str,
+    module: str,
+    command: str,
+    pjson: str | None,
+    when: int,
+) -> Task:
+    """Insert one Pending task row; returns it as a ``Task``."""
+    task_id = m.task.insert(
+        agent_id=agent_id,
+        node=node,
+        module=module,
+        command=command,
+        status=TaskStatus.PENDING.value,
+        create_time=when,
+        update_time=None,
+        error_msg=None,
+        params=pjson,
+        bytes_sent=0,
+        bytes_total=0,
+    ).execute()
+    return Task(int(task_id), int(agent_id), node, module, command, TaskStatus.PENDING, when)
+
+
+def created_entry(task: Task) -> dict[str, Any]:
+    """The None -> Pending history row of a new task."""
+    return history_entry(
+        task.task_id, None, TaskStatus.PENDING, task.create_time, task.node, "created"
+    )
+
+
+def moved_task(row: Any, status: TaskStatus, when: int) -> Task:
+    """The ``Task`` a row became after a bulk move to ``status`` at ``when``."""
+    task = to_task(row)
+    return Task(
+        task.task_id,
+        task.agent_id,
+        task.node,
+        task.module,
+        task.command,
+        status,
+        task.create_time,
+        when,
+        None,
+        task.bytes_sent,
+        task.bytes_total,
+    )
+
+
+BULK_COLUMNS = (
+    "agent_id",
+    "node",
+    "module",
+    "command",
+    "status",
+    "create_time",
+    "update_time",
+    "error_msg",
+    "bytes_sent",
+    "bytes_total",
+)
+
+
+def task_values(task: Task) -> tuple[Any, ...]:
+    """``BULK_COLUMNS`` values of a task (``bulk_load``)."""
+    return (
+        task.agent_id,
+        task.node,
+        task.module,
+        task.command,
+        TaskStatus(task.status).value,
+        task.create_time,
+        task.update_time,
+        task.error_msg,
+        task.bytes_sent,
+        task.bytes_total,
+    )
+
+
+def filter_condition(t: Any, flt: TaskFilter) -> Any:
+    """The WHERE condition of a ``TaskFilter`` (agent ids apart: they are chunked)."""
+    cond = pw.Value(1) == 1
+    if flt.statuses is not None:
+        cond &= t.status.in_([TaskStatus(s).value for s in flt.statuses])
+    if flt.node is not None:
+        cond &= t.node == flt.node
+    if flt.since is not None:
+        cond &= t.create_time >= flt.since
+    if flt.until is not None:
+        cond &= t.create_time <= flt.until
+    return cond

@@ -15,8 +15,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -25,23 +24,22 @@ from playhouse.pool import MaxConnectionsExceeded
 
 from wpk_upgrade.errors import PluginError, TaskCode, TaskError
 from wpk_upgrade.interfaces import UPDATE_NOT_FOUND, UPDATE_OK, TaskFilter, TaskStore, UpdateOutcome
-from wpk_upgrade.models import AgentInfo, StatusChange, Task, TaskParams, TaskStatus
+from wpk_upgrade.models import StatusChange, Task, TaskParams, TaskStatus
 from wpk_upgrade.models import now as clock_now
 
 from . import queries as q
+from .agents import AgentRegistryMixin
 from .migrations import migrate
 from .models import (
-    AGENT_COLUMNS,
     StoreModels,
-    agent_values,
     build_models,
     params_from_json,
     params_json,
-    to_agent,
     to_change,
     to_task,
 )
 from .options import SqlStoreOptions, SqlStoreOptionsSchema, coerce_options
+from .plumbing import close_quietly, connected, oneline, retryable, transaction
 from .urls import SQLITE, DbTarget, build_database, parse, require_driver
 
 log = logging.getLogger(__name__)
@@ -54,7 +52,7 @@ _ACTIVE = (PENDING.value, IN_PROGRESS.value)
 _MAX_RACE_ROUNDS = 20
 
 
-class SqlTaskStore(TaskStore):
+class SqlTaskStore(AgentRegistryMixin, TaskStore):
     """The fleet's memory in a SQL database (entry points ``sqlite``, ``postgresql``, ``mysql``).
 
     ``SqlTaskStore(url, config)``: ``url`` as described in ``urls.py``; ``config`` a
@@ -100,15 +98,15 @@ class SqlTaskStore(TaskStore):
                 self._prepare_sqlite_file()
             db = build_database(self.target, self.options)
             try:
-                with _connected(db):
+                with connected(db):
                     found, current = migrate(db, self.target.dialect, self.target.display)
             except PluginError:
-                _close_quietly(db)
+                close_quietly(db)
                 raise
             except (pw.PeeweeException, MaxConnectionsExceeded, OSError) as exc:
-                _close_quietly(db)
+                close_quietly(db)
                 raise PluginError(
-                    f"cannot open task store {self.target.display}: {_oneline(exc)}"
+                    f"cannot open task store {self.target.display}: {oneline(exc)}"
                 ) from exc
             if found != current:
                 log.info(
@@ -121,7 +119,7 @@ class SqlTaskStore(TaskStore):
         with self._lock:
             db, self._db, self._m = self._db, None, None
         if db is not None:
-            _close_quietly(db)
+            close_quietly(db)
 
     def _prepare_sqlite_file(self) -> None:
         path = Path(self.target.database)
@@ -161,25 +159,20 @@ class SqlTaskStore(TaskStore):
         attempts = self.options.retries + 1
         for attempt in range(1, attempts + 1):
             try:
-                with _connected(db):
+                with connected(db):
                     if prepare is not None:
                         prepare(m)
                     if not write:
                         return fn(m)
-                    with self._transaction(db):
+                    with transaction(db, self.target.dialect):
                         return fn(m)
             except (pw.PeeweeException, q.Raced, MaxConnectionsExceeded) as exc:
-                if attempt < attempts and _retryable(exc):
-                    log.debug("task store: %s: retrying after %s", what, _oneline(exc))
+                if attempt < attempts and retryable(exc):
+                    log.debug("task store: %s: retrying after %s", what, oneline(exc))
                     time.sleep(random.uniform(0.002, 0.02) * attempt)
                     continue
-                raise TaskError(TaskCode.DATABASE_ERROR, f"{what}: {_oneline(exc)}") from exc
+                raise TaskError(TaskCode.DATABASE_ERROR, f"{what}: {oneline(exc)}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _transaction(self, db: pw.Database) -> Any:
-        if self.target.dialect == SQLITE:
-            return db.atomic("IMMEDIATE")
-        return db.atomic()
 
     # ------------------------------------------------------------------ tasks: creation
 
@@ -199,8 +192,8 @@ class SqlTaskStore(TaskStore):
         pjson = params_json(params)
 
         def op(m: StoreModels) -> list[Task]:
-            tasks = [_insert_task(m, a, node, module, command, pjson, when) for a in agents]
-            q.add_history(m, [_created_entry(t) for t in tasks])
+            tasks = [q.insert_task(m, a, node, module, command, pjson, when) for a in agents]
+            q.add_history(m, [q.created_entry(t) for t in tasks])
             return tasks
 
         return self._run("create tasks", op)
@@ -242,10 +235,10 @@ class SqlTaskStore(TaskStore):
                 if agent in done or not self._idle_for(m, latest.get(agent), node, when):
                     busy.append(agent)
                     continue
-                task = _insert_task(m, agent, node, module, command, pjson, when)
+                task = q.insert_task(m, agent, node, module, command, pjson, when)
                 created.append(task)
                 done.add(agent)
-            q.add_history(m, [_created_entry(t) for t in created])
+            q.add_history(m, [q.created_entry(t) for t in created])
             return created, busy
 
         return self._run("create tasks", op, prepare=prepare)
@@ -364,7 +357,7 @@ class SqlTaskStore(TaskStore):
                 pick = pick.for_update(skip_locked=True)
             rows = list(pick)
             moved = q.move_locked(m, rows, PENDING, IN_PROGRESS, node, "claimed", when)
-            return [_moved_task(r, IN_PROGRESS, when) for r in moved]
+            return [q.moved_task(r, IN_PROGRESS, when) for r in moved]
 
         return self._run("claim pending tasks", op)
 
@@ -501,7 +494,7 @@ class SqlTaskStore(TaskStore):
             t = m.task
             found: list[Task] = []
             for group in groups:
-                cond = _filter_condition(t, flt)
+                cond = q.filter_condition(t, flt)
                 if group is not None:
                     cond &= t.agent_id.in_(list(group))
                 query = t.select().where(cond).order_by(t.create_time.desc(), t.task_id.desc())
@@ -522,8 +515,8 @@ class SqlTaskStore(TaskStore):
         db, _ = self._handles()
         p = db.param
         sql = (
-            f"INSERT INTO tasks ({', '.join(_BULK_COLUMNS)}) "
-            f"VALUES ({', '.join([p] * len(_BULK_COLUMNS))})"
+            f"INSERT INTO tasks ({', '.join(q.BULK_COLUMNS)}) "
+            f"VALUES ({', '.join([p] * len(q.BULK_COLUMNS))})"
         )
 
         def flush(rows: list[tuple[Any, ...]]) -> int:
@@ -540,7 +533,7 @@ class SqlTaskStore(TaskStore):
         total = 0
         pending: list[tuple[Any, ...]] = []
         for task in tasks:
-            pending.append(_task_values(task))
+            pending.append(q.task_values(task))
             if len(pending) >= batch:
                 total += flush(pending)
                 pending = []
@@ -548,188 +541,6 @@ class SqlTaskStore(TaskStore):
             total += flush(pending)
         return total
 
-    # ------------------------------------------------------------------ agents
-
-    def upsert_agent(self, agent: AgentInfo) -> None:
-        def op(m: StoreModels) -> None:
-            a = m.agent
-            columns = [getattr(a, c) for c in AGENT_COLUMNS]
-            self._upsert(a.insert(**agent_values(agent)), a.agent_id, columns).execute()
-
-        self._run("upsert agent", op)
-
-    def get_agent(self, agent_id: int) -> AgentInfo | None:
-        def op(m: StoreModels) -> AgentInfo | None:
-            row = m.agent.get_or_none(m.agent.agent_id == agent_id)
-            return None if row is None else to_agent(row)
-
-        return self._run("get agent", op, write=False)
-
-    def list_agents(self) -> list[AgentInfo]:
-        def op(m: StoreModels) -> list[AgentInfo]:
-            return [to_agent(r) for r in m.agent.select().order_by(m.agent.agent_id)]
-
-        return self._run("list agents", op, write=False)
-
-    def set_connection(self, agent_id: int, status: str, node: str, when: int) -> None:
-        """Record connection status, node and last seen; an unknown agent gets a minimal row."""
-
-        def op(m: StoreModels) -> None:
-            a = m.agent
-            insert = a.insert(
-                agent_id=agent_id, name="", connection_status=status, node=node, last_seen=when
-            )
-            self._upsert(insert, a.agent_id, [a.connection_status, a.node, a.last_seen]).execute()
-
-        self._run("set agent connection", op)
-
-    def disconnect_node_agents(self, node: str) -> int:
-        """Agents ``active`` on ``node`` become ``disconnected``; returns how many."""
-
-        def op(m: StoreModels) -> int:
-            a = m.agent
-            return int(
-                a.update(connection_status="disconnected")
-                .where((a.node == node) & (a.connection_status == "active"))
-                .execute()
-            )
-
-        return self._run("disconnect node agents", op)
-
-    def _upsert(self, insert: Any, key: Any, columns: list[Any]) -> Any:
-        if self.target.dialect == "mysql":
-            return insert.on_conflict(preserve=columns)
-        return insert.on_conflict(conflict_target=[key], preserve=columns)
-
-
-# ---------------------------------------------------------------------- helpers
-
 
 def _now(value: int | None) -> int:
     return clock_now() if value is None else int(value)
-
-
-def _insert_task(
-    m: StoreModels,
-    agent_id: int,
-    node: str,
-    module: str,
-    command: str,
-    pjson: str | None,
-    when: int,
-) -> Task:
-    task_id = m.task.insert(
-        agent_id=agent_id,
-        node=node,
-        module=module,
-        command=command,
-        status=PENDING.value,
-        create_time=when,
-        update_time=None,
-        error_msg=None,
-        params=pjson,
-        bytes_sent=0,
-        bytes_total=0,
-    ).execute()
-    return Task(int(task_id), int(agent_id), node, module, command, PENDING, when)
-
-
-def _created_entry(task: Task) -> dict[str, Any]:
-    return q.history_entry(task.task_id, None, PENDING, task.create_time, task.node, "created")
-
-
-def _moved_task(row: Any, status: TaskStatus, when: int) -> Task:
-    task = to_task(row)
-    return Task(
-        task.task_id,
-        task.agent_id,
-        task.node,
-        task.module,
-        task.command,
-        status,
-        task.create_time,
-        when,
-        None,
-        task.bytes_sent,
-        task.bytes_total,
-    )
-
-
-_BULK_COLUMNS = (
-    "agent_id",
-    "node",
-    "module",
-    "command",
-    "status",
-    "create_time",
-    "update_time",
-    "error_msg",
-    "bytes_sent",
-    "bytes_total",
-)
-
-
-def _task_values(task: Task) -> tuple[Any, ...]:
-    return (
-        task.agent_id,
-        task.node,
-        task.module,
-        task.command,
-        TaskStatus(task.status).value,
-        task.create_time,
-        task.update_time,
-        task.error_msg,
-        task.bytes_sent,
-        task.bytes_total,
-    )
-
-
-def _filter_condition(t: Any, flt: TaskFilter) -> Any:
-    cond = pw.Value(1) == 1
-    if flt.statuses is not None:
-        cond &= t.status.in_([TaskStatus(s).value for s in flt.statuses])
-    if flt.node is not None:
-        cond &= t.node == flt.node
-    if flt.since is not None:
-        cond &= t.create_time >= flt.since
-    if flt.until is not None:
-        cond &= t.create_time <= flt.until
-    return cond
-
-
-@contextmanager
-def _connected(db: pw.Database) -> Iterator[None]:
-    opened = db.connect(reuse_if_open=True)
-    try:
-        yield
-    finally:
-        if opened and not db.is_closed():
-            db.close()
-
-
-def _close_quietly(db: pw.Database) -> None:
-    try:
-        db.close_all()  # type: ignore[attr-defined]
-    except Exception:
-        log.debug("task store: error while closing connections", exc_info=True)
-
-
-_RETRY_PGCODES = {"40001", "40P01", "55P03"}  # serialization, deadlock, lock not available
-_RETRY_MYSQL = {1205, 1213}  # lock wait timeout, deadlock
-
-
-def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, q.Raced):
-        return True
-    orig = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else exc
-    if getattr(orig, "pgcode", None) in _RETRY_PGCODES:
-        return True
-    args = getattr(orig, "args", ())
-    if args and isinstance(args[0], int) and args[0] in _RETRY_MYSQL:
-        return True
-    return "database is locked" in str(orig)
-
-
-def _oneline(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0].strip() if text else type(exc).__name__

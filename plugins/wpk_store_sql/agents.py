@@ -1,0 +1,86 @@
+"""The agent registry half of ``SqlTaskStore`` (table ``agents``), as a mixin.
+
+What the manager knows of each agent (the reference's global.db row): name, version, OS,
+connection status, the node it is connected to and when it was last seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from wpk_upgrade.models import AgentInfo
+
+from .models import AGENT_COLUMNS, StoreModels, agent_values, to_agent
+from .urls import MYSQL, DbTarget
+
+R = TypeVar("R")
+
+
+class AgentRegistryMixin:
+    """Agent methods of ``TaskStore``; the host class provides ``target`` and ``_run``."""
+
+    target: DbTarget
+
+    if TYPE_CHECKING:
+
+        def _run(
+            self,
+            what: str,
+            fn: Callable[[StoreModels], R],
+            *,
+            write: bool = True,
+            prepare: Callable[[StoreModels], None] | None = None,
+        ) -> R: ...
+
+    def upsert_agent(self, agent: AgentInfo) -> None:
+        def op(m: StoreModels) -> None:
+            a = m.agent
+            columns = [getattr(a, c) for c in AGENT_COLUMNS]
+            self._upsert(a.insert(**agent_values(agent)), a.agent_id, columns).execute()
+
+        self._run("upsert agent", op)
+
+    def get_agent(self, agent_id: int) -> AgentInfo | None:
+        def op(m: StoreModels) -> AgentInfo | None:
+            row = m.agent.get_or_none(m.agent.agent_id == agent_id)
+            return None if row is None else to_agent(row)
+
+        return self._run("get agent", op, write=False)
+
+    def list_agents(self) -> list[AgentInfo]:
+        def op(m: StoreModels) -> list[AgentInfo]:
+            return [to_agent(r) for r in m.agent.select().order_by(m.agent.agent_id)]
+
+        return self._run("list agents", op, write=False)
+
+    def set_connection(self, agent_id: int, status: str, node: str, when: int) -> None:
+        """Record connection status, node and last seen; an unknown agent gets a minimal row."""
+
+        def op(m: StoreModels) -> None:
+            a = m.agent
+            insert = a.insert(
+                agent_id=agent_id, name="", connection_status=status, node=node, last_seen=when
+            )
+            self._upsert(insert, a.agent_id, [a.connection_status, a.node, a.last_seen]).execute()
+
+        self._run("set agent connection", op)
+
+    def disconnect_node_agents(self, node: str) -> int:
+        """Agents ``active`` on ``node`` become ``disconnected``; returns how many."""
+
+        def op(m: StoreModels) -> int:
+            a = m.agent
+            return int(
+                a.update(connection_status="disconnected")
+                .where((a.node == node) & (a.connection_status == "active"))
+                .execute()
+            )
+
+        return self._run("disconnect node agents", op)
+
+    def _upsert(self, insert: Any, key: Any, columns: list[Any]) -> Any:
+        """INSERT ... ON CONFLICT (key) DO UPDATE, or MySQL's ON DUPLICATE KEY UPDATE."""
+        if self.target.dialect == MYSQL:
+            return insert.on_conflict(preserve=columns)
+        return insert.on_conflict(conflict_target=[key], preserve=columns)
