@@ -314,6 +314,27 @@ def test_agent_process_restart_and_stop(home: Path) -> None:
         agent.stop()
 
 
+def test_signal_storm_is_never_fatal_and_stop_wins(home: Path) -> None:
+    """SIGHUPs arriving at any moment of a restart (shutdown, execv, start-up) wait while no
+    handler is installed instead of killing the agent; a SIGTERM right after them stops it
+    cleanly, even in the middle of a restart."""
+    agent = AgentProcess(home, f"127.0.0.1:{free_port()}").start()
+    agent.wait_started(1)
+    assert agent.proc is not None
+    for _ in range(15):
+        time.sleep(0.07)
+        agent.proc.send_signal(signal.SIGHUP)
+        assert agent.proc.poll() is None, agent.log
+    agent.wait_for(agent._answers, "an agent answering")
+    assert agent.log.count(" starting, pid ") >= 2
+    for _ in range(3):
+        agent.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.02)
+    assert agent.stop() == 0, agent.log
+    assert not agent.socket.exists()
+    assert not (home / "var" / "run" / "agent.pid").exists()
+
+
 def test_second_agent_on_the_same_home_refuses_to_start(home: Path) -> None:
     first = AgentProcess(home, f"127.0.0.1:{free_port()}").start()
     try:

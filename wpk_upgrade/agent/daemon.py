@@ -17,8 +17,9 @@
   restart waits for the lock to expire; it also waits for commands in flight. Then the daemon
   stops cleanly and ``run_agent`` re-executes the process's own command line with ``os.execv``
   (same pid; the version file is re-read). This is how a WPK installer restarts the agent: it
-  sends SIGHUP to the pid in ``var/run/agent.pid``. SIGHUP stays blocked across the ``execv``
-  until the new process has its handlers, so a restart request is never lost nor fatal.
+  sends SIGHUP to the pid in ``var/run/agent.pid``. The three signals are blocked whenever no
+  handler of ours is installed (start-up, shutdown, across the ``execv``), so they wait instead
+  of killing the agent; a stop asked during a restart wins.
 
 Disconnects: the interface has no disconnect callback. ``on_connected`` therefore lives as long
 as its connection: the tcp transport runs it as a task and cancels it when the connection ends,
@@ -75,16 +76,23 @@ class AgentDaemon:
         self.identity = identity_fn(config)
         self.log = logging.LoggerAdapter(log, {"agent_id": config.agent.id})
         self.restart_requested = False
+        self.stop_requested = False
         self._stop: asyncio.Event | None = None
         self._restart_task: asyncio.Task[None] | None = None
         self._channel: ManagerChannel | None = None
 
     # ---- control
     def request_stop(self) -> None:
-        """Stop (SIGTERM/SIGINT)."""
+        """Stop (SIGTERM/SIGINT); wins over a restart requested before."""
         self.log.info("stop requested")
+        self.stop_requested = True
         if self._stop is not None:
             self._stop.set()
+
+    @property
+    def restarting(self) -> bool:
+        """True when ``run()`` ended for a restart (and no stop was asked since)."""
+        return self.restart_requested and not self.stop_requested
 
     def request_restart(self) -> None:
         """Restart (SIGHUP), once any ``lock_restart`` has expired."""
@@ -102,6 +110,8 @@ class AgentDaemon:
             await asyncio.wait_for(
                 self.handler.wait_idle(), self.config.upgrade.installer_timeout + 5
             )
+        if self.stop_requested:
+            return
         self.restart_requested = True
         if self._stop is not None:
             self._stop.set()
@@ -193,6 +203,7 @@ class AgentDaemon:
             directory.mkdir(parents=True, exist_ok=True)
         await self.local.start()
         signals = [signal.SIGTERM, signal.SIGINT]
+        entry_mask: set[signal.Signals] | None = None
         try:
             self.prepare()
             for signum in signals:
@@ -200,7 +211,7 @@ class AgentDaemon:
             if hasattr(signal, "SIGHUP"):
                 signals.append(signal.SIGHUP)
                 loop.add_signal_handler(signal.SIGHUP, self.request_restart)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+            entry_mask = set_signal_mask(signal.SIG_UNBLOCK)
             info = self.identity()
             self.log.info(
                 "agent %d (%s) version %s starting, pid %d, home %s",
@@ -220,12 +231,16 @@ class AgentDaemon:
             await self.local.close()
             self.handler.close_all()
             self.set_state(False)
+            if entry_mask is not None:
+                # back as we found it: blocked under run_agent, so that a signal arriving from
+                # here to the re-executed process's handlers waits instead of killing us
+                set_signal_mask(signal.SIG_SETMASK, entry_mask)
             for signum in signals:
                 loop.remove_signal_handler(signum)
-            if not self.restart_requested:
+            if not self.restarting:
                 with contextlib.suppress(FileNotFoundError):
                     self.config.pid_file.unlink()
-        self.log.info("agent %s", "restarting" if self.restart_requested else "stopped")
+        self.log.info("agent %s", "restarting" if self.restarting else "stopped")
         return 0
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]]) -> None:
@@ -272,33 +287,53 @@ def configure_logging(config: AgentConfig) -> None:
     root.setLevel(config.logging.level)
 
 
+#: The signals the daemon handles; blocked whenever no handler of ours is installed.
+HANDLED_SIGNALS = frozenset(
+    sig for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)) if sig
+)
+
+
+def set_signal_mask(how: int, signals: Any = HANDLED_SIGNALS) -> set[signal.Signals]:
+    """``pthread_sigmask`` where it exists; returns the previous mask (empty elsewhere).
+
+    A blocked signal stays pending, and the mask and pending signals survive ``execv``: a
+    SIGHUP or SIGTERM that arrives while no handler is installed (start-up, shutdown, the
+    re-exec) is delivered once the handlers are back instead of killing the agent.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        return set()
+    return signal.pthread_sigmask(how, signals)
+
+
 def _reexec() -> None:
     """Replace this process with a fresh run of its own command line (same pid)."""
     argv = [sys.executable, *sys.orig_argv[1:]]
     logging.shutdown()
-    if hasattr(signal, "pthread_sigmask") and hasattr(signal, "SIGHUP"):
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     os.execv(sys.executable, argv)
 
 
 def run_agent(config_path: str | os.PathLike[str], *, setup_logging: bool = True) -> int:
     """Run the agent until stopped (exit status) or restarted (re-exec, does not return)."""
+    entry_mask = set_signal_mask(signal.SIG_BLOCK)  # until the daemon's handlers are in place
     try:
-        config = load_agent_config(config_path)
-    except ConfigError as exc:
-        print(f"wpk-upgrade agent: {exc}", file=sys.stderr)
-        return 2
-    if setup_logging:
-        configure_logging(config)
-    daemon = AgentDaemon(config)
-    try:
-        code = asyncio.run(daemon.run())
-    except WpkUpgradeError as exc:
-        log.error("%s", exc, extra={"agent_id": config.agent.id})
-        return 1
-    if daemon.restart_requested:
-        _reexec()
-    return code
+        try:
+            config = load_agent_config(config_path)
+        except ConfigError as exc:
+            print(f"wpk-upgrade agent: {exc}", file=sys.stderr)
+            return 2
+        if setup_logging:
+            configure_logging(config)
+        daemon = AgentDaemon(config)
+        try:
+            code = asyncio.run(daemon.run())
+        except WpkUpgradeError as exc:
+            log.error("%s", exc, extra={"agent_id": config.agent.id})
+            return 1
+        if daemon.restarting:
+            _reexec()
+        return code
+    finally:
+        set_signal_mask(signal.SIG_SETMASK, entry_mask)
 
 
 def main(argv: list[str] | None = None) -> int:
