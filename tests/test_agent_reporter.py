@@ -375,6 +375,30 @@ def test_send_failure_waits_for_the_next_connection(home: Path) -> None:
     assert len(good.events) == 1 and agent.gate.allowed
 
 
+def test_unacknowledged_report_is_retried_on_the_same_connection(home: Path) -> None:
+    """A manager that does not answer in time (TimeoutError, itself an OSError) is not a lost
+    connection: the report is simply sent again after the pause."""
+    config = make_config(home)
+    config.result_file.write_text("0")
+    agent = Agent(config)
+
+    class SlowManager(RecordingManager):
+        async def send_event(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+            if not self.events:
+                self.events.append((time.monotonic(), message))
+                raise TimeoutError
+            return await super().send_event(message, timeout)
+
+    manager = SlowManager(agent.handler, clear_after=2)
+
+    async def scenario() -> None:
+        agent.reporter.connected(manager)
+        await agent.reporter.run()
+
+    run(scenario())
+    assert len(manager.events) == 2 and agent.gate.allowed
+
+
 # --------------------------------------------------------------------------- real manager
 
 

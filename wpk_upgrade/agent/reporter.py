@@ -138,13 +138,13 @@ class ResultReporter:
         event = status_event(outcome)
         try:
             answer = await channel.send_event(event, self.send_timeout)
+        except (TimeoutError, WpkUpgradeError) as exc:  # before OSError: TimeoutError is one
+            self.log.warning("upgrade result report not acknowledged: %s", exc or "timeout")
+            return True
         except (ConnectionError, OSError) as exc:
             self.log.warning("could not report the upgrade result: %s; waiting to reconnect", exc)
             self.disconnected(channel)
             return False
-        except (TimeoutError, WpkUpgradeError) as exc:
-            self.log.warning("upgrade result report not acknowledged: %s", exc or "timeout")
-            return True
         self.log.info(
             "reported upgrade result %d (%s); manager answered %s",
             outcome.error,
