@@ -16,6 +16,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -52,6 +53,16 @@ _ACTIVE = (PENDING.value, IN_PROGRESS.value)
 _MAX_RACE_ROUNDS = 20
 
 
+@dataclass
+class _Handle:
+    """One opened database: its models, and how many operations are using it."""
+
+    db: pw.Database
+    models: StoreModels
+    inflight: int = 0
+    closing: bool = False
+
+
 class SqlTaskStore(AgentRegistryMixin, TaskStore):
     """The fleet's memory in a SQL database (entry points ``sqlite``, ``postgresql``, ``mysql``).
 
@@ -70,9 +81,8 @@ class SqlTaskStore(AgentRegistryMixin, TaskStore):
         except Exception as exc:
             raise PluginError(f"invalid SQL task store options: {exc}") from exc
         self.target: DbTarget = parse(url)
-        self._lock = threading.Lock()
-        self._db: pw.Database | None = None
-        self._m: StoreModels | None = None
+        self._cond = threading.Condition()
+        self._handle: _Handle | None = None
 
     def __repr__(self) -> str:
         return f"SqlTaskStore({self.target.display!r})"
@@ -89,9 +99,15 @@ class SqlTaskStore(AgentRegistryMixin, TaskStore):
 
     # ------------------------------------------------------------------ lifecycle
 
+    @property
+    def _db(self) -> pw.Database | None:
+        """The open peewee database (diagnostics and tests), or None."""
+        handle = self._handle
+        return None if handle is None else handle.db
+
     def open(self) -> None:
-        with self._lock:
-            if self._db is not None:
+        with self._cond:
+            if self._handle is not None:
                 return
             require_driver(self.target)
             if self.target.dialect == SQLITE:
@@ -112,14 +128,32 @@ class SqlTaskStore(AgentRegistryMixin, TaskStore):
                 log.info(
                     "task store %s: schema version %d -> %d", self.target.display, found, current
                 )
-            self._db = db
-            self._m = build_models(db)
+            self._handle = _Handle(db, build_models(db))
 
     def close(self) -> None:
-        with self._lock:
-            db, self._db, self._m = self._db, None, None
-        if db is not None:
-            close_quietly(db)
+        """Refuse new operations, wait for running ones, then close every connection.
+
+        Connections are never closed under an operation still using them (a SQLite
+        connection closed from another thread can crash the interpreter): after
+        ``busy_timeout`` seconds, the last straggling operation closes them instead.
+        """
+        with self._cond:
+            handle, self._handle = self._handle, None
+            if handle is None:
+                return
+            handle.closing = True
+            self._cond.wait_for(lambda: handle.inflight == 0, self.options.busy_timeout)
+            stragglers = handle.inflight
+        if stragglers:
+            log.warning(
+                "task store %s: closing with %d operations still running; their connections "
+                "close when they finish",
+                self.target.display,
+                stragglers,
+            )
+            handle.db.close_idle()  # type: ignore[attr-defined]
+        else:
+            close_quietly(handle.db)
 
     def _prepare_sqlite_file(self) -> None:
         path = Path(self.target.database)
@@ -136,11 +170,21 @@ class SqlTaskStore(AgentRegistryMixin, TaskStore):
 
     # ------------------------------------------------------------------ plumbing
 
-    def _handles(self) -> tuple[pw.Database, StoreModels]:
-        db, m = self._db, self._m
-        if db is None or m is None:
-            raise TaskError(TaskCode.DATABASE_ERROR, "the task store is not open")
-        return db, m
+    def _enter(self) -> _Handle:
+        with self._cond:
+            handle = self._handle
+            if handle is None:
+                raise TaskError(TaskCode.DATABASE_ERROR, "the task store is not open")
+            handle.inflight += 1
+            return handle
+
+    def _leave(self, handle: _Handle) -> None:
+        with self._cond:
+            handle.inflight -= 1
+            last_straggler = handle.closing and handle.inflight == 0
+            self._cond.notify_all()
+        if last_straggler and self._handle is not handle:
+            close_quietly(handle.db)
 
     def _run(
         self,
@@ -155,7 +199,21 @@ class SqlTaskStore(AgentRegistryMixin, TaskStore):
         ``prepare`` runs first, outside the transaction. Deadlocks, serialization failures
         and ``queries.Raced`` replay everything; other errors become ``TaskError``.
         """
-        db, m = self._handles()
+        handle = self._enter()
+        try:
+            return self._attempts(what, handle, fn, write, prepare)
+        finally:
+            self._leave(handle)
+
+    def _attempts(
+        self,
+        what: str,
+        handle: _Handle,
+        fn: Callable[[StoreModels], R],
+        write: bool,
+        prepare: Callable[[StoreModels], None] | None,
+    ) -> R:
+        db, m = handle.db, handle.models
         attempts = self.options.retries + 1
         for attempt in range(1, attempts + 1):
             try:
@@ -512,16 +570,15 @@ class SqlTaskStore(AgentRegistryMixin, TaskStore):
         Uses the driver's ``executemany``; each batch is its own transaction. Returns how
         many rows were inserted.
         """
-        db, _ = self._handles()
-        p = db.param
+        p = "?" if self.target.dialect == SQLITE else "%s"
         sql = (
             f"INSERT INTO tasks ({', '.join(q.BULK_COLUMNS)}) "
             f"VALUES ({', '.join([p] * len(q.BULK_COLUMNS))})"
         )
 
         def flush(rows: list[tuple[Any, ...]]) -> int:
-            def op(_: StoreModels) -> int:
-                cursor = db.cursor()
+            def op(m: StoreModels) -> int:
+                cursor = m.task._meta.database.cursor()
                 try:
                     cursor.executemany(sql, rows)
                 finally:

@@ -634,6 +634,42 @@ class TaskStoreContract:
         store = self.reopen(store)
         assert len(store.list_tasks(TaskFilter())) == 1
 
+    def test_close_while_busy(self, store: TaskStore) -> None:
+        # Operations running when close() is called finish or raise TaskError; none crashes.
+        stop = threading.Event()
+        outcomes: list[str] = []
+
+        def hammer(i: int) -> None:
+            agent = 1000 + i
+            while not stop.is_set():
+                try:
+                    (task,) = create(store, [agent])
+                    store.set_task_status(task.task_id, NODE, TaskStatus.IN_PROGRESS)
+                    store.latest_tasks([agent])
+                    store.set_connection(agent, "active", NODE, T0)
+                except TaskError:
+                    outcomes.append("closed")
+                    return
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    outcomes.append(repr(exc))
+                    return
+            outcomes.append("stopped")
+
+        threads = [threading.Thread(target=hammer, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        import time
+
+        time.sleep(0.3)
+        store.close()
+        time.sleep(0.1)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert set(outcomes) <= {"closed", "stopped"}, outcomes
+        store.open()
+        assert store.list_tasks(TaskFilter(agent_ids=(1000,)))
+
     # ------------------------------------------------------------------ races between threads
 
     def test_race_create_if_idle_one_agent(self, store: TaskStore) -> None:
