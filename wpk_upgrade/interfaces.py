@@ -365,5 +365,7 @@ class Transport(ABC):
         """Agent side: connect (and reconnect) to the manager until ``stop`` is set.
 
         ``identity()`` is called at each connection to announce the agent; ``on_request`` answers
-        manager commands; ``on_connected`` runs once per established connection.
+        manager commands (each in its own task). ``on_connected`` is started as a task once per
+        established connection and may run for the connection's whole life: the transport
+        cancels it when the connection ends (that is how the agent learns of a disconnect).
         """
