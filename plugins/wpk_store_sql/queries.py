@@ -61,29 +61,51 @@ def latest_row(m: StoreModels, agent_id: int) -> Any | None:
 
 
 def latest_rows(m: StoreModels, agent_ids: Iterable[int]) -> dict[int, Any]:
-    """Latest task row per agent, one query per ``CHUNK`` agents.
+    """Latest task row per agent (highest create_time, then task id), ``CHUNK`` agents a query.
 
-    The newest create_time per agent comes from the (agent_id, create_time, task_id) index;
-    rows sharing that time are rare, and the highest task id among them wins.
+    SQLite and PostgreSQL: one (agent_id, create_time, task_id) index probe per agent, from a
+    ``VALUES`` list of the ids. MySQL/MariaDB (whose ``VALUES`` syntax differs): newest
+    create_time per agent by ``GROUP BY`` (a loose index scan there), the highest task id
+    among rows sharing it.
     """
-    t = m.task
-    found: dict[int, Any] = {}
+    db = m.task._meta.database
     wanted = sorted({int(a) for a in agent_ids})
+    found: dict[int, Any] = {}
     for chunk in chunks(wanted):
-        newest = (
-            t.select(t.agent_id, pw.fn.MAX(t.create_time).alias("newest"))
-            .where(t.agent_id.in_(list(chunk)))
-            .group_by(t.agent_id)
-            .alias("newest")
-        )
-        query = t.select().join(
-            newest,
-            on=((t.agent_id == newest.c.agent_id) & (t.create_time == newest.c.newest)),
-        )
-        for row in query:
-            best = found.get(row.agent_id)
-            if best is None or row.task_id > best.task_id:
-                found[row.agent_id] = row
+        if isinstance(db, pw.MySQLDatabase):
+            found.update(_latest_grouped(m, chunk))
+        else:
+            found.update(_latest_probed(m, chunk, db.param))
+    return found
+
+
+def _latest_probed(m: StoreModels, chunk: Sequence[int], param: str) -> dict[int, Any]:
+    values = ", ".join(f"({param})" for _ in chunk)
+    sql = (
+        f"WITH ids (agent_id) AS (VALUES {values}) "
+        "SELECT * FROM tasks WHERE task_id IN ("
+        " SELECT (SELECT t.task_id FROM tasks t WHERE t.agent_id = ids.agent_id"
+        "  ORDER BY t.create_time DESC, t.task_id DESC LIMIT 1) FROM ids)"
+    )
+    return {row.agent_id: row for row in m.task.raw(sql, *chunk)}
+
+
+def _latest_grouped(m: StoreModels, chunk: Sequence[int]) -> dict[int, Any]:
+    t = m.task
+    newest = (
+        t.select(t.agent_id, pw.fn.MAX(t.create_time).alias("newest"))
+        .where(t.agent_id.in_(list(chunk)))
+        .group_by(t.agent_id)
+        .alias("newest")
+    )
+    query = t.select().join(
+        newest, on=((t.agent_id == newest.c.agent_id) & (t.create_time == newest.c.newest))
+    )
+    found: dict[int, Any] = {}
+    for row in query:
+        best = found.get(row.agent_id)
+        if best is None or row.task_id > best.task_id:
+            found[row.agent_id] = row
     return found
 
 

@@ -567,22 +567,28 @@ class SqlTaskStore(AgentRegistryMixin, TaskStore):
     def bulk_load(self, tasks: Iterable[Task], batch: int = 1000) -> int:
         """Insert many tasks as they are (ids ignored, no history rows): benchmarks, imports.
 
-        Uses the driver's ``executemany``; each batch is its own transaction. Returns how
-        many rows were inserted.
+        One multi-row INSERT per ``batch`` tasks (at most 1000), each in its own transaction.
+        Returns how many rows were inserted.
         """
+        batch = max(1, min(batch, 1000))  # SQLite: at most 32766 bound parameters
         p = "?" if self.target.dialect == SQLITE else "%s"
-        sql = (
-            f"INSERT INTO tasks ({', '.join(q.BULK_COLUMNS)}) "
-            f"VALUES ({', '.join([p] * len(q.BULK_COLUMNS))})"
-        )
+        row_sql = "(" + ", ".join([p] * len(q.BULK_COLUMNS)) + ")"
+        prefix = f"INSERT INTO tasks ({', '.join(q.BULK_COLUMNS)}) VALUES "
 
         def flush(rows: list[tuple[Any, ...]]) -> int:
+            sql = prefix + ", ".join([row_sql] * len(rows))
+            values = [v for row in rows for v in row]
+
             def op(m: StoreModels) -> int:
-                cursor = m.task._meta.database.cursor()
-                try:
-                    cursor.executemany(sql, rows)
-                finally:
-                    cursor.close()
+                db = m.task._meta.database
+                if self.target.dialect == SQLITE:  # sqlite3's executemany is the fastest
+                    cursor = db.cursor()
+                    try:
+                        cursor.executemany(prefix + row_sql, rows)
+                    finally:
+                        cursor.close()
+                else:
+                    db.execute_sql(sql, values)
                 return len(rows)
 
             return self._run("bulk load tasks", op)
