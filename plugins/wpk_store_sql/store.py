@@ -304,14 +304,18 @@ class SqlTaskStore(AgentRegistryMixin, TaskStore):
     def _idle_for(self, m: StoreModels, row: Any, node: str, when: int) -> bool:
         """True when a new task may be created for the agent whose latest row is ``row``.
 
-        The agent is locked by the caller, so only a claim (Pending -> In progress) can
-        still change the row; a lost deletion race therefore means "busy".
+        The agent is locked by the caller (no other intake for it runs), but status changes
+        (a claim, a cancel) still may: when the deletion of another node's Pending task
+        finds it changed, the fresh row decides.
         """
         if row is None:
             return True
         status = TaskStatus(row.status)
         if status is PENDING and row.node != node:
-            return q.delete_foreign_pending(m, row, node, when)
+            if q.delete_foreign_pending(m, row, node, when):
+                return True
+            fresh = q.latest_row(m, row.agent_id)
+            return fresh is None or not TaskStatus(fresh.status).active
         return not status.active
 
     # ------------------------------------------------------------------ tasks: status
