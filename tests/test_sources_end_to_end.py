@@ -24,7 +24,7 @@ import pytest
 from httpfixtures import RepoServer, TlsFiles, make_tls
 from s3fixtures import REGION, BucketStore, MotoS3, aws_test_environment
 
-from wpk_upgrade import layout, pki, wpk
+from wpk_upgrade import pki, wpk
 from wpk_upgrade.drivers import SOURCES, available
 from wpk_upgrade.models import AgentInfo
 from wpk_upgrade.testing.harness import ManagerHarness, ScriptedAgent, json_agent
@@ -172,10 +172,6 @@ def status(h: ManagerHarness) -> str:
 
 # --------------------------------------------------------------------------- one upgrade, 4 ways
 
-MANIFEST_NEEDS_KERNEL = layout.base_url(
-    "manifest+https://h/manifest.json", None, VERSION, False
-).startswith("https://manifest+https://")
-
 
 @pytest.mark.parametrize(
     "kind",
@@ -183,15 +179,7 @@ MANIFEST_NEEDS_KERNEL = layout.base_url(
         "https",
         "file",
         "s3",
-        pytest.param(
-            "manifest",
-            marks=pytest.mark.xfail(
-                MANIFEST_NEEDS_KERNEL,
-                reason="layout.base_url prefixes https:// to schemes other than "
-                "http(s)/file/s3, so manifest+https:// never reaches its plugin",
-                strict=True,
-            ),
-        ),
+        "manifest",
     ],
 )
 def test_the_same_upgrade_from_each_source(

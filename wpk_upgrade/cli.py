@@ -110,7 +110,7 @@ def plugins() -> None:
     for group in (SOURCES, STORES, TRANSPORTS):
         click.echo(f"{group}:")
         for name, where in sorted(available(group).items()):
-            click.echo(f"  {name:<12} {where}")
+            click.echo(f"  {name:<16} {where}")
     click.echo(f"{HOOK_GROUP}:")
     pm = make_plugin_manager()
     dists: dict[str, Any] = {p: d for p, d in pm.list_plugin_distinfo()}

@@ -22,7 +22,7 @@ MAX_BASE_URL = 2048
 
 DEFAULT_HOST = "packages.wazuh.com"
 
-_SCHEME = re.compile(r"^(?:https?|file|s3)://", re.IGNORECASE)
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _STRICT_TARGET = re.compile(r"^v?(\d+)\.\d+\.\d+")
 #: What may appear in one path component taken from agent data or the request.
 _COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+\-]*$")
