@@ -9,6 +9,7 @@ an explicit target below v4.1.0). Any failure ends the task Failed with the refe
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -20,7 +21,8 @@ from .cache import WpkCache
 from .config import ManagerConfig
 from .errors import UpgradeCode, UpgradeError, WpkUpgradeError
 from .hub import AgentRegistry
-from .interfaces import TaskStore, WpkQuery
+from .interfaces import TaskStore, WpkQuery, WpkSource
+from .layout import V4_9
 from .models import AgentInfo, Task, TaskParams, TaskStatus, WpkRef
 from .plugin_manager import notify
 from .sources import SourceRegistry
@@ -30,6 +32,8 @@ from .transfer import TransferSettings, WpkPusher
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL = 1.0
+#: Second directory probed when explaining a missing default target (pre-v4.9.0 layout).
+V4_8 = "v4.8.0"
 
 
 class Dispatcher:
@@ -56,6 +60,9 @@ class Dispatcher:
         self.slots = asyncio.Semaphore(config.upgrade.max_threads)
         self.running: set[asyncio.Task[None]] = set()
         self.running_aux: set[asyncio.Task[None]] = set()
+        self._stop: asyncio.Event | None = None
+        self._pushing: dict[int, asyncio.Lock] = {}
+        self._writes: set[asyncio.Future[None]] = set()
         self.settings = TransferSettings(
             chunk_size=config.upgrade.chunk_size,
             command_timeout=config.upgrade.command_timeout,
@@ -70,6 +77,7 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume the queue until ``stop``; each task runs in its own asyncio task."""
+        self._stop = stop
         while not stop.is_set():
             getter = asyncio.ensure_future(self.queue.get())
             stopper = asyncio.ensure_future(stop.wait())
@@ -88,6 +96,8 @@ class Dispatcher:
             job.cancel()
         if self.running:
             await asyncio.gather(*self.running, return_exceptions=True)
+        if self._writes:  # progress records still being written: the store closes next
+            await asyncio.wait(set(self._writes))
 
     async def _guarded(self, task_id: int) -> None:
         try:
@@ -104,6 +114,14 @@ class Dispatcher:
         task = await asyncio.to_thread(self.store.get_task, task_id)
         if task is None or task.status is not TaskStatus.PENDING:
             return
+        # One push at a time per agent: a task that timed out (or was cancelled) may still be
+        # pushing when a new task of the same agent starts (the agent has one open file). The
+        # new one stays In queue meanwhile, so its timeout does not run (D7).
+        async with self._pushing.setdefault(task.agent_id, asyncio.Lock()):
+            await self._run_task(task)
+
+    async def _run_task(self, task: Task) -> None:
+        task_id = task.task_id
         params = await asyncio.to_thread(self.store.task_params, task_id) or TaskParams(
             command=task.command
         )
@@ -118,7 +136,8 @@ class Dispatcher:
             if agent is None:
                 raise UpgradeError(UpgradeCode.GLOBAL_DB_FAILURE, "agent no longer known")
             wpk = await self.resolve(task, params, agent)
-            link = self.hub.link(task.agent_id)
+            # After a manager restart, resumed tasks start before their agents reconnect.
+            link = await self.hub.wait_link(task.agent_id, self.settings.command_timeout)
             if link is None:
                 raise UpgradeError(UpgradeCode.SEND_LOCK_RESTART_ERROR, "agent is not connected")
             pusher = WpkPusher(
@@ -131,6 +150,13 @@ class Dispatcher:
             log.info("task %d: sending %s to agent %03d", task_id, wpk.file_name, task.agent_id)
             await pusher.push(wpk)
         except UpgradeError as exc:
+            if self._stopping():
+                # Our own shutdown broke the agent connection: like the reference, a restart
+                # leaves an In progress task alone (the agent may still report, or it times out).
+                log.info(
+                    "task %d (agent %03d) interrupted by shutdown: %s", task_id, task.agent_id, exc
+                )
+                return
             log.warning("task %d (agent %03d) failed: %s", task_id, task.agent_id, exc)
             await self.tasks.set_status(task, TaskStatus.FAILED, None, exc.text, exc.detail)
             return
@@ -155,6 +181,9 @@ class Dispatcher:
                 task.agent_id,
             )
 
+    def _stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
+
     async def _still_running(self, task_id: int) -> bool:
         task = await asyncio.to_thread(self.store.get_task, task_id)
         return task is not None and task.status is TaskStatus.IN_PROGRESS
@@ -168,7 +197,9 @@ class Dispatcher:
             if sent < total and t - last[0] < PROGRESS_INTERVAL:
                 return
             last[0] = t
-            loop.run_in_executor(None, self.store.set_progress, task.task_id, sent, total)
+            write = loop.run_in_executor(None, self.store.set_progress, task.task_id, sent, total)
+            self._writes.add(write)
+            write.add_done_callback(self._writes.discard)
             notify(
                 self.pm,
                 "wpk_transfer_progress",
@@ -198,19 +229,20 @@ class Dispatcher:
                 installer=installer,
             )
         target = params.version
-        if not target:
+        repo = params.wpk_repo or self.config.upgrade.wpk_repository
+        if not target and not repo:
             raise UpgradeError(
                 UpgradeCode.WPK_VERSION_DOES_NOT_EXIST,
                 "no version requested and none could be determined (configure wpk_repository "
                 "or manager_version)",
             )
         base = layout.base_url(
-            params.wpk_repo, self.config.upgrade.wpk_repository, target, params.use_http
+            params.wpk_repo, self.config.upgrade.wpk_repository, target or V4_9, params.use_http
         )
         package_type = layout.package_type(platform, params.package_type, params.force_upgrade)
         query = WpkQuery(
             base_url=base,
-            version=target,
+            version=target or V4_9,
             os_platform=platform,
             os_major=agent.os_major,
             os_minor=agent.os_minor,
@@ -219,6 +251,9 @@ class Dispatcher:
             agent_id=agent.agent_id,
         )
         source = self.sources.for_url(base)
+        if not target:
+            # D1: the repository could not tell the latest version at request time.
+            await asyncio.to_thread(self._no_target, source, query)
         candidate = await asyncio.to_thread(source.resolve, query)
         ref = await asyncio.to_thread(self.cache.obtain, source, candidate)
         return WpkRef(
@@ -228,4 +263,27 @@ class Dispatcher:
             sha256=ref.sha256,
             size=ref.size,
             installer=layout.default_installer(platform),
+        )
+
+    @staticmethod
+    def _no_target(source: WpkSource, query: WpkQuery) -> None:
+        """Why no default target (D1) was found at request time: error 14 when the
+        repository cannot be read for this platform, else 15. Always raises."""
+        unreachable: UpgradeError | None = None
+        for probe in (V4_9, V4_8):
+            try:
+                source.resolve(dataclasses.replace(query, version=probe))
+            except UpgradeError as exc:
+                if exc.code != UpgradeCode.URL_NOT_FOUND:
+                    break
+                unreachable = exc
+            else:
+                break
+        else:
+            assert unreachable is not None
+            raise UpgradeError(unreachable.code, unreachable.detail)
+        raise UpgradeError(
+            UpgradeCode.WPK_VERSION_DOES_NOT_EXIST,
+            "no version requested, and the repository offered none for this platform when the "
+            "request was made",
         )

@@ -33,9 +33,43 @@ class AgentRegistry(AgentHub):
         self._links: dict[int, AgentLink] = {}
         self.on_event: EventHandler | None = None
         self.connected_event = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._writes: set[asyncio.Future[None]] = set()
+
+    async def _record(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run a store write in a worker thread, tracked until it ends (see ``drain``): a
+        cancelled caller (transport shutdown) does not leave it running unnoticed."""
+        future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        self._writes.add(future)
+        future.add_done_callback(self._written)
+        await asyncio.shield(future)
+
+    def _written(self, future: asyncio.Future[None]) -> None:
+        self._writes.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.error("agent registry: store write failed: %s", future.exception())
+
+    async def drain(self) -> None:
+        """Wait for the store writes still running; call it after the transport closed and
+        before the store closes (a write racing the close can crash the database driver)."""
+        while self._writes:
+            await asyncio.wait(set(self._writes))
 
     def link(self, agent_id: int) -> AgentLink | None:
         """The live connection of an agent, or None."""
+        return self._links.get(agent_id)
+
+    async def wait_link(self, agent_id: int, timeout: float) -> AgentLink | None:
+        """The agent's live connection, waiting up to ``timeout`` seconds for it to (re)connect
+        (after a manager restart, queued tasks resume before their agents are back)."""
+        link = self._links.get(agent_id)
+        if link is not None or timeout <= 0:
+            return link
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(lambda: agent_id in self._links)
+        except TimeoutError:
+            return None
         return self._links.get(agent_id)
 
     @property
@@ -53,7 +87,7 @@ class AgentRegistry(AgentHub):
         record = dataclasses.replace(
             info, connection_status="active", node=self.node, last_seen=now()
         )
-        await asyncio.to_thread(self.store.upsert_agent, record)
+        await self._record(self.store.upsert_agent, record)
         log.info(
             "agent %03d connected (%s, %s %s %s)",
             info.agent_id,
@@ -63,14 +97,14 @@ class AgentRegistry(AgentHub):
             info.os_arch,
         )
         self.connected_event.set()
+        async with self._changed:
+            self._changed.notify_all()
 
     async def agent_disconnected(self, agent_id: int, link: AgentLink) -> None:
         if self._links.get(agent_id) is not link:
             return  # an older connection of an agent that already reconnected
         del self._links[agent_id]
-        await asyncio.to_thread(
-            self.store.set_connection, agent_id, "disconnected", self.node, now()
-        )
+        await self._record(self.store.set_connection, agent_id, "disconnected", self.node, now())
         log.info("agent %03d disconnected", agent_id)
 
     async def agent_event(self, agent_id: int, message: dict[str, Any]) -> dict[str, Any]:

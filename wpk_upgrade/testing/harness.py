@@ -76,7 +76,18 @@ class ManagerHarness:
 
     def stop(self) -> None:
         if self.manager is not None:
-            self.run(self.manager.stop())
+            manager = self.manager
+
+            async def stop() -> None:
+                # Agents' disconnections are written to the store from worker threads; let
+                # them finish before Manager.stop closes the store (a write racing the close
+                # crashed the SQLite driver: segmentation fault).
+                manager.stop_event.set()
+                await manager.transport.close()
+                await manager.hub.drain()
+                await manager.stop()
+
+            self.run(stop())
             self.manager = None
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
