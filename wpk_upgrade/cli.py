@@ -126,6 +126,9 @@ def _attach_optional() -> None:
     except ImportError:  # pragma: no cover - the wpk tools ship with the kernel
         return
     cli.add_command(wpk_group, "wpk")
+    from .cli_ca import ca_group
+
+    cli.add_command(ca_group, "ca")
 
 
 _attach_optional()

@@ -3,6 +3,18 @@
 The manager multiplexes requests by id over each agent's connection; the agent answers each
 request in its own task and sends heartbeats. A connection silent for three heartbeats is
 considered dead. The agent reconnects with capped exponential backoff.
+
+Mutual TLS (``tls.py``) is on when certificates are configured (``tls`` unset) or when
+``tls = true``; ``tls = false`` forces plain TCP (tests, loopback labs). With TLS the manager
+identifies an agent by its client certificate (``CN=agent:<id>``): a hello whose id differs
+from the certificate's, a certificate without an agent id, or a revoked one (``crl``) is refused
+and logged, as are failed handshakes (no certificate, an unknown CA).
+
+Each received ``ping`` is passed to the hub's optional ``agent_seen(agent_id, link, every)``
+(``hub.AgentRegistry`` records "last seen" at most once per ``every`` seconds per agent).
+The manager's ``TcpAgentLink.features`` holds what the agent announced in its hello
+(``wire.py``); the agent announces ``bin`` plus the ``features`` attribute of the object whose
+bound method answers its requests (``CommandHandler.features``), if any.
 """
 
 from __future__ import annotations
@@ -11,14 +23,16 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from marshmallow import Schema, ValidationError, fields, post_load, validate
+from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
-from wpk_upgrade.errors import ProtocolError
-from wpk_upgrade.framing import FrameTooLarge
+from wpk_upgrade.errors import ConfigError, ProtocolError
+from wpk_upgrade.framing import FrameTooLarge, encode
 from wpk_upgrade.interfaces import (
     AgentHub,
     AgentLink,
@@ -28,7 +42,7 @@ from wpk_upgrade.interfaces import (
 )
 from wpk_upgrade.models import AgentInfo
 
-from . import wire
+from . import tls, wire
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +73,20 @@ class TcpOptions:
     max_frame: int = 1 << 20
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
+    tls: bool | None = None
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    crl: str | None = None
+    server_name: str | None = None
+    backlog: int = 1024
+
+    @property
+    def tls_enabled(self) -> bool:
+        """TLS is on when asked, or (``tls`` unset) when certificates are configured."""
+        if self.tls is not None:
+            return self.tls
+        return bool(self.ca or self.cert or self.key)
 
 
 class TcpOptionsSchema(Schema):
@@ -69,6 +97,26 @@ class TcpOptionsSchema(Schema):
     max_frame = fields.Integer(load_default=1 << 20, validate=validate.Range(65536, 1 << 26))
     reconnect_min = fields.Float(load_default=0.5, validate=validate.Range(min=0.01))
     reconnect_max = fields.Float(load_default=30.0, validate=validate.Range(min=0.01))
+    tls = fields.Boolean(load_default=None, allow_none=True)
+    ca = fields.String(load_default=None, allow_none=True)
+    cert = fields.String(load_default=None, allow_none=True)
+    key = fields.String(load_default=None, allow_none=True)
+    crl = fields.String(load_default=None, allow_none=True)
+    server_name = fields.String(load_default=None, allow_none=True)
+    backlog = fields.Integer(load_default=1024, validate=validate.Range(1, 65535))
+
+    @validates_schema
+    def check(self, data: dict[str, Any], **_: Any) -> None:
+        tls_on = data.get("tls")
+        if tls_on is None:
+            tls_on = bool(data.get("ca") or data.get("cert") or data.get("key"))
+        if tls_on:
+            missing = [k for k in ("ca", "cert", "key") if not data.get(k)]
+            if missing:
+                raise ValidationError(
+                    f"mutual TLS needs ca, cert and key (missing: {', '.join(missing)})",
+                    missing[0],
+                )
 
     @post_load
     def make(self, data: dict[str, Any], **_: Any) -> TcpOptions:
@@ -89,20 +137,26 @@ class _Connection:
         self.write_lock = asyncio.Lock()
         self.closed = False
 
-    async def send(self, message: dict[str, Any]) -> None:
+    async def send(self, message: dict[str, Any], attachment: bytes | None = None) -> None:
+        """One message (and the raw frame announced by its ``bin``, written together)."""
         if self.closed:
             raise ConnectionError("connection closed")
+        data = wire.pack(message)
+        if attachment is not None:
+            data += encode(attachment)
         async with self.write_lock:
-            self.writer.write(wire.pack(message))
+            self.writer.write(data)
             await self.writer.drain()
 
-    async def call(self, message: dict[str, Any], timeout: float) -> Any:
+    async def call(
+        self, message: dict[str, Any], timeout: float, attachment: bytes | None = None
+    ) -> Any:
         """Send a message with a fresh id and wait for the answer with the same id."""
         ident = next(self.ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.waiting[ident] = future
         try:
-            await self.send({**message, "id": ident})
+            await self.send({**message, "id": ident}, attachment)
             async with asyncio.timeout(timeout):
                 return await future
         finally:
@@ -114,8 +168,16 @@ class _Connection:
             future.set_result(value)
 
     async def receive(self) -> dict[str, Any]:
+        """The next message; a request announcing ``bin`` gets its buffer spliced back."""
         async with asyncio.timeout(self.options.heartbeat * 3):
-            return await wire.receive(self.reader, self.options.max_frame)
+            msg = await wire.receive(self.reader, self.options.max_frame)
+            if msg["type"] == "request" and "bin" in msg:
+                raw = await wire.receive_attachment(self.reader, self.options.max_frame)
+                payload = msg.get("payload")
+                if not isinstance(payload, str):
+                    raise ProtocolError("request with bin but no payload text")
+                msg["payload"] = wire.splice_buffer(payload, msg.pop("bin"), raw)
+            return msg
 
     async def close(self) -> None:
         if self.closed:
@@ -125,21 +187,28 @@ class _Connection:
             if not future.done():
                 future.set_exception(ConnectionError("connection closed"))
         self.writer.close()
-        with contextlib.suppress(OSError, ConnectionError):
+        with contextlib.suppress(OSError, ConnectionError, ssl.SSLError):
             await self.writer.wait_closed()
 
 
 class TcpAgentLink(AgentLink):
-    """The manager's handle on one connected agent."""
+    """The manager's handle on one connected agent; ``features`` as announced in its hello."""
 
-    def __init__(self, agent_id: int, conn: _Connection) -> None:
+    def __init__(
+        self, agent_id: int, conn: _Connection, features: frozenset[str] = frozenset()
+    ) -> None:
         self.agent_id = agent_id
         self.conn = conn
+        self.features = features
 
     async def request(self, target: str, payload: str, timeout: float) -> str:
-        reply = await self.conn.call(
-            {"type": "request", "target": target, "payload": payload}, timeout
-        )
+        message: dict[str, Any] = {"type": "request", "target": target, "payload": payload}
+        attachment = None
+        if target == "upgrade" and "bin" in self.features and len(payload) > wire.BIN_MIN:
+            lifted = wire.lift_buffer(payload)
+            if lifted is not None:
+                message["payload"], message["bin"], attachment = lifted
+        reply = await self.conn.call(message, timeout, attachment)
         return str(reply)
 
     async def close(self) -> None:
@@ -155,8 +224,34 @@ class _ManagerChannel(ManagerChannel):
         return reply if isinstance(reply, dict) else {}
 
 
+class _Refused(Exception):
+    """A connection the manager refuses; ``reply``: whether the peer can be told why."""
+
+    def __init__(self, reason: str, reply: bool = True) -> None:
+        super().__init__(reason)
+        self.reply = reply
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short text for a connection or TLS failure (for the logs)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def handler_features(on_request: RequestHandler) -> tuple[str, ...]:
+    """The protocol extensions a request handler declares (``features`` of its owner)."""
+    owner = getattr(on_request, "__self__", None)
+    value = getattr(owner, "features", None) or getattr(on_request, "features", None) or ()
+    return tuple(str(v) for v in value)
+
+
 class TcpTransport(Transport):
-    """Agents over plain TCP (mutual TLS comes with the transport hardening)."""
+    """Agents over TCP, with mutual TLS when certificates are configured."""
 
     name = "tcp"
     config_schema = TcpOptionsSchema
@@ -167,6 +262,8 @@ class TcpTransport(Transport):
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[_Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._ssl: ssl.SSLContext | None = None
+        self._crl: tls.RevocationList | None = None
 
     # ------------------------------------------------------------------ manager side
 
@@ -179,6 +276,15 @@ class TcpTransport(Transport):
 
     async def serve(self, hub: AgentHub) -> None:
         host, port = split_address(self.options.listen)
+        opts = self.options
+        if opts.tls_enabled:
+            self._ssl = tls.server_context(opts.ca, opts.cert, opts.key)
+            if opts.crl:
+                if not Path(opts.crl).is_file():
+                    raise ConfigError(f"tcp transport: crl {opts.crl} does not exist")
+                self._crl = tls.RevocationList(opts.crl, opts.ca)
+        elif opts.crl:
+            raise ConfigError("tcp transport: crl needs TLS (ca, cert and key)")
 
         async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
@@ -192,29 +298,89 @@ class TcpTransport(Transport):
                 if task is not None:
                     self._tasks.discard(task)
 
-        self._server = await asyncio.start_server(accept, host, port, limit=1 << 20)
-        log.info("tcp transport listening on %s:%s", host, self.bound_port)
+        self._server = await asyncio.start_server(
+            accept, host, port, limit=1 << 20, backlog=opts.backlog
+        )
+        log.info(
+            "tcp transport listening on %s:%s (%s)",
+            host,
+            self.bound_port,
+            "mutual TLS" if self._ssl else "plain TCP, no TLS",
+        )
+
+    async def _handshake(self, writer: asyncio.StreamWriter, peer: str) -> int:
+        """TLS server handshake; returns the agent id of the client certificate.
+
+        Raises ``_Refused``. Must be the first await of the connection (nothing read before).
+        """
+        assert self._ssl is not None
+        try:
+            await writer.start_tls(self._ssl, ssl_handshake_timeout=self.options.hello_timeout)
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            raise _Refused(f"TLS handshake failed: {describe_error(exc)}", reply=False) from exc
+        try:
+            cert = tls.peer_certificate(writer.get_extra_info("ssl_object"))
+        except ValueError as exc:
+            raise _Refused(f"unreadable client certificate: {exc}") from exc
+        if cert is None:
+            raise _Refused("no client certificate")
+        agent_id = tls.agent_id_of(cert)
+        if agent_id is None:
+            raise _Refused(
+                f"the client certificate names no agent ({cert.subject.rfc4514_string()})"
+            )
+        if self._crl is not None:
+            try:
+                revoked = self._crl.is_revoked(cert.serial_number)
+            except (OSError, ValueError) as exc:
+                log.error("tcp: revocation list unusable, refusing every agent: %s", exc)
+                raise _Refused("revocation list unusable") from exc
+            if revoked:
+                raise _Refused(
+                    f"the certificate of agent {agent_id:03d} is revoked "
+                    f"(serial {cert.serial_number:x})"
+                )
+        return agent_id
 
     async def _serve_agent(
         self, hub: AgentHub, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        peer = writer.get_extra_info("peername")
+        address = writer.get_extra_info("peername")
+        peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+        cert_id: int | None = None
+        if self._ssl is not None:
+            try:
+                cert_id = await self._handshake(writer, peer)
+            except _Refused as refusal:
+                log.warning("tcp: refused %s: %s", peer, refusal)
+                await self._refuse(writer, str(refusal) if refusal.reply else None)
+                return
         conn = _Connection(reader, writer, self.options)
         self._conns.add(conn)
         link: TcpAgentLink | None = None
         try:
             try:
                 async with asyncio.timeout(self.options.hello_timeout):
-                    info = wire.parse_hello(await wire.receive(reader, self.options.max_frame))
+                    msg = await wire.receive(reader, self.options.max_frame)
+                info = wire.parse_hello(msg)
             except (ProtocolError, TimeoutError, asyncio.IncompleteReadError) as exc:
                 log.warning("tcp: refused %s: %s", peer, exc or "no hello in time")
                 with contextlib.suppress(ConnectionError, OSError, RuntimeError):
                     await conn.send({"type": "refused", "reason": str(exc) or "no hello"})
                 return
-            link = TcpAgentLink(info.agent_id, conn)
+            if cert_id is not None and info.agent_id != cert_id:
+                reason = (
+                    f"hello claims agent {info.agent_id:03d} but the certificate is for "
+                    f"agent {cert_id:03d}"
+                )
+                log.warning("tcp: refused %s: %s", peer, reason)
+                with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+                    await conn.send({"type": "refused", "reason": reason})
+                return
+            link = TcpAgentLink(info.agent_id, conn, wire.parse_features(msg))
             await conn.send({"type": "welcome"})
             await hub.agent_connected(info, link)
-            await self._manager_loop(hub, conn, info.agent_id)
+            await self._manager_loop(hub, conn, link)
         except (ConnectionError, OSError, asyncio.IncompleteReadError, TimeoutError):
             pass
         except (ProtocolError, FrameTooLarge) as exc:
@@ -225,13 +391,28 @@ class TcpTransport(Transport):
             if link is not None:
                 await hub.agent_disconnected(link.agent_id, link)
 
-    async def _manager_loop(self, hub: AgentHub, conn: _Connection, agent_id: int) -> None:
+    @staticmethod
+    async def _refuse(writer: asyncio.StreamWriter, reason: str | None) -> None:
+        """Tell the peer why (when the channel works), then close."""
+        if reason is not None:
+            with contextlib.suppress(ConnectionError, OSError, RuntimeError, TimeoutError):
+                writer.write(wire.pack({"type": "refused", "reason": reason}))
+                await asyncio.wait_for(writer.drain(), 5)
+        writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer.wait_closed(), 5)
+
+    async def _manager_loop(self, hub: AgentHub, conn: _Connection, link: TcpAgentLink) -> None:
+        agent_id = link.agent_id
+        seen = getattr(hub, "agent_seen", None)
         while True:
             msg = await conn.receive()
             kind = msg["type"]
             if kind == "response":
                 conn.answer(msg.get("id"), msg.get("payload", ""))
             elif kind == "ping":
+                if seen is not None:
+                    seen(agent_id, link, self.options.heartbeat)
                 await conn.send({"type": "pong"})
             elif kind == "event":
                 self._spawn(self._event(hub, conn, agent_id, msg))
@@ -276,23 +457,38 @@ class TcpTransport(Transport):
         stop: asyncio.Event,
     ) -> None:
         host, port = split_address(self.options.address)
-        delay = self.options.reconnect_min
+        opts = self.options
+        context = tls.client_context(opts.ca, opts.cert, opts.key) if opts.tls_enabled else None
+        features = (*wire.TRANSPORT_FEATURES, *handler_features(on_request))
+        delay = opts.reconnect_min
         while not stop.is_set():
             try:
-                reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
-            except OSError as exc:
+                if context is None:
+                    reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+                else:
+                    reader, writer = await asyncio.open_connection(
+                        host,
+                        port,
+                        limit=1 << 20,
+                        ssl=context,
+                        server_hostname=opts.server_name or host,
+                        ssl_handshake_timeout=opts.hello_timeout,
+                    )
+            except (OSError, TimeoutError) as exc:
                 log.info(
                     "tcp: cannot reach manager %s:%s (%s); retrying in %.1fs",
                     host,
                     port,
-                    exc.strerror or exc,
+                    describe_error(exc),
                     delay,
                 )
             else:
-                conn = _Connection(reader, writer, self.options)
+                conn = _Connection(reader, writer, opts)
                 try:
-                    await self._agent_session(conn, identity, on_request, on_connected, stop)
-                    delay = self.options.reconnect_min
+                    await self._agent_session(
+                        conn, identity, features, on_request, on_connected, stop
+                    )
+                    delay = opts.reconnect_min
                 except (
                     ConnectionError,
                     OSError,
@@ -300,24 +496,25 @@ class TcpTransport(Transport):
                     TimeoutError,
                     ProtocolError,
                 ) as exc:
-                    log.info("tcp: manager connection ended: %s", exc or type(exc).__name__)
+                    log.info("tcp: manager connection ended: %s", describe_error(exc))
                 finally:
                     await conn.close()
             if stop.is_set():
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
-            delay = min(delay * 2, self.options.reconnect_max)
+            delay = min(delay * 2, opts.reconnect_max)
 
     async def _agent_session(
         self,
         conn: _Connection,
         identity: Callable[[], AgentInfo],
+        features: tuple[str, ...],
         on_request: RequestHandler,
         on_connected: Callable[[ManagerChannel], Awaitable[None]],
         stop: asyncio.Event,
     ) -> None:
-        await conn.send(wire.hello(identity()))
+        await conn.send(wire.hello(identity(), features))
         async with asyncio.timeout(self.options.hello_timeout):
             answer = await wire.receive(conn.reader, self.options.max_frame)
         if answer["type"] != "welcome":
@@ -368,6 +565,8 @@ class TcpTransport(Transport):
                     conn.answer(msg.get("id"), msg.get("reply"))
                 elif kind == "ping":
                     await conn.send({"type": "pong"})
+                elif kind == "refused":
+                    raise ProtocolError(f"manager dropped us: {msg.get('reason', '')}")
         finally:
             stopper.cancel()
             for task in list(tasks):

@@ -7,21 +7,36 @@ a JSON object with a ``type``:
 type           direction    fields
 =============  ===========  ===========================================================
 hello          agent → mgr  ``agent``: id, name, version, os_platform, os_major, os_minor,
-                            os_arch (announced at every connection)
-welcome        mgr → agent  ``node``: the manager node name
+                            os_arch (announced at every connection); ``features``: the
+                            protocol extensions the agent understands (see below)
+welcome        mgr → agent  (nothing else)
 refused        mgr → agent  ``reason``
 request        mgr → agent  ``id``, ``target`` (``upgrade`` or ``com``), ``payload`` (the
-                            reference command text, §7.2/§7.3)
+                            reference command text, §7.2/§7.3); optionally ``bin``
 response       agent → mgr  ``id``, ``payload`` (the reference reply text)
 event          agent → mgr  ``id``, ``message`` (``upgrade_update_status`` report)
 event_reply    mgr → agent  ``id``, ``reply``
 ping / pong    both         heartbeat
 =============  ===========  ===========================================================
+
+Features an agent may announce in its hello (absent from older agents and simulators):
+
+* ``bin`` (the transport itself): a request may carry its base64 ``buffer`` as raw bytes.
+  The manager cuts the base64 text out of the payload, sends the request with ``bin`` = the
+  character position it was cut from, and the raw bytes in the next frame; the agent's
+  transport splices the (canonical) base64 text back in, so the command handler receives the
+  very payload the manager built, while a third fewer bytes cross the network.
+* ``offset``, ``resume``, ``sha256`` (the command handler, ``CommandHandler.features``):
+  ``write`` with an ``offset``, ``open`` with ``"mode":"resume"``, the ``sha256`` command; the
+  manager uses its windowed, resumable transfer only with agents announcing all three
+  (``wpk_upgrade.transfer``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 from typing import Any
 
@@ -30,6 +45,12 @@ from wpk_upgrade.framing import encode, read_frame
 from wpk_upgrade.models import AgentInfo
 
 HELLO_FIELDS = ("name", "version", "os_platform", "os_major", "os_minor", "os_arch")
+#: Features the transport itself provides (on top of those of the command handler).
+TRANSPORT_FEATURES = ("bin",)
+#: Base64 buffers shorter than this travel inside the JSON (not worth a second frame).
+BIN_MIN = 2048
+_BUFFER_KEY = '"buffer":"'
+MAX_FEATURES = 32
 
 
 def pack(message: dict[str, Any]) -> bytes:
@@ -49,12 +70,59 @@ async def receive(reader: asyncio.StreamReader, limit: int) -> dict[str, Any]:
     return msg
 
 
-def hello(info: AgentInfo) -> dict[str, Any]:
+def hello(info: AgentInfo, features: tuple[str, ...] = ()) -> dict[str, Any]:
     """The agent's announcement."""
     agent: dict[str, Any] = {"id": info.agent_id}
     for name in HELLO_FIELDS:
         agent[name] = getattr(info, name)
-    return {"type": "hello", "agent": agent}
+    return {"type": "hello", "agent": agent, "features": sorted(set(features))}
+
+
+def parse_features(msg: dict[str, Any]) -> frozenset[str]:
+    """The features a hello announces (none when absent or malformed)."""
+    value = msg.get("features")
+    if not isinstance(value, list) or len(value) > MAX_FEATURES:
+        return frozenset()
+    return frozenset(v for v in value if isinstance(v, str) and len(v) <= 64)
+
+
+def lift_buffer(payload: str) -> tuple[str, int, bytes] | None:
+    """Cut the canonical base64 ``buffer`` out of a JSON command text.
+
+    Returns ``(payload without the base64 text, position, raw bytes)``, or None when there is
+    no buffer worth lifting or its text is not exactly what ``splice_buffer`` rebuilds.
+    """
+    key = payload.find(_BUFFER_KEY)
+    if key < 0:
+        return None
+    start = key + len(_BUFFER_KEY)
+    end = payload.find('"', start)
+    if end < 0 or end - start < BIN_MIN:
+        return None
+    text = payload[start:end]
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if base64.b64encode(raw).decode("ascii") != text:
+        return None
+    return payload[:start] + payload[end:], start, raw
+
+
+def splice_buffer(payload: str, position: Any, raw: bytes) -> str:
+    """Put the base64 text of ``raw`` back at ``position`` (``ProtocolError`` when invalid)."""
+    if isinstance(position, bool) or not isinstance(position, int):
+        raise ProtocolError("bin position is not an integer")
+    if not len(_BUFFER_KEY) <= position <= len(payload) or (
+        payload[position - len(_BUFFER_KEY) : position] != _BUFFER_KEY
+    ):
+        raise ProtocolError("bin position does not follow a buffer key")
+    return payload[:position] + base64.b64encode(raw).decode("ascii") + payload[position:]
+
+
+async def receive_attachment(reader: asyncio.StreamReader, limit: int) -> bytes:
+    """The raw frame following a message with ``bin``."""
+    return await read_frame(reader, limit)
 
 
 def parse_hello(msg: dict[str, Any]) -> AgentInfo:
