@@ -34,8 +34,8 @@ def cli() -> None:
     type=click.Path(dir_okay=False),
     help="Manager configuration file (TOML).",
 )
-@click.option("--log-level", default="INFO", show_default=True)
-def manager(config_path: str, log_level: str) -> None:
+@click.option("--log-level", default=None, help="Overrides [logging] level (default INFO).")
+def manager(config_path: str, log_level: str | None) -> None:
     """Run the manager daemon (upgrade and task sockets, agent transport)."""
     from .daemon import run_manager
 
@@ -129,6 +129,9 @@ def _attach_optional() -> None:
     from .cli_ca import ca_group
 
     cli.add_command(ca_group, "ca")
+    from .cli_ops import attach
+
+    attach(cli)
 
 
 _attach_optional()

@@ -131,6 +131,35 @@ class DriverSection:
 
 
 @dataclass(frozen=True)
+class ApiSection:
+    """``[api]``: the HTTP API (extra ``api``); bearer ``tokens`` are never shown in reprs."""
+
+    enabled: bool = False
+    listen: str = "127.0.0.1:55000"
+    tokens: tuple[str, ...] = field(default=(), repr=False)
+    cert: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    """``[metrics]``: the Prometheus endpoint (extra ``api``)."""
+
+    enabled: bool = False
+    listen: str = "127.0.0.1:9516"
+    refresh_interval: int = 15
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    """``[logging]``: the manager's log level, line format and optional file (under home)."""
+
+    level: str = "INFO"
+    format: str = "text"
+    file: str | None = None
+
+
+@dataclass(frozen=True)
 class ManagerConfig:
     home: Path
     node_name: str = "node01"
@@ -141,6 +170,9 @@ class ManagerConfig:
     store: DriverSection = field(default_factory=DriverSection)
     transport: DriverSection = field(default_factory=lambda: DriverSection(name="tcp"))
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    api: ApiSection = field(default_factory=ApiSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
     source_path: str | None = None
 
     @property
@@ -208,6 +240,63 @@ class DriverSchema(Schema):
         return DriverSection(**data)
 
 
+def split_listen(text: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` allowed) of a listen address -> (host, port)."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"expected host:port, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _listen(value: str) -> None:
+    try:
+        split_listen(value)
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from exc
+
+
+class _ApiSchema(Schema):
+    enabled = fields.Boolean(load_default=False)
+    listen = fields.String(load_default="127.0.0.1:55000", validate=_listen)
+    tokens = fields.List(fields.String(validate=validate.Length(min=16)), load_default=list)
+    cert = fields.String(load_default=None, allow_none=True)
+    key = fields.String(load_default=None, allow_none=True)
+
+    @validates_schema
+    def check(self, data: dict[str, Any], **_: Any) -> None:
+        if data.get("enabled") and not data.get("tokens"):
+            raise ValidationError("at least one token is needed when the API is enabled", "tokens")
+        if bool(data.get("cert")) != bool(data.get("key")):
+            raise ValidationError("cert and key go together", "cert")
+
+    @post_load
+    def make(self, data: dict[str, Any], **_: Any) -> ApiSection:
+        return ApiSection(**{**data, "tokens": tuple(data["tokens"])})
+
+
+class _MetricsSchema(Schema):
+    enabled = fields.Boolean(load_default=False)
+    listen = fields.String(load_default="127.0.0.1:9516", validate=_listen)
+    refresh_interval = Duration(load_default=15)
+
+    @post_load
+    def make(self, data: dict[str, Any], **_: Any) -> MetricsSection:
+        return MetricsSection(**data)
+
+
+class _LoggingSchema(Schema):
+    level = fields.String(
+        load_default="INFO",
+        validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]),
+    )
+    format = fields.String(load_default="text", validate=validate.OneOf(["text", "json"]))
+    file = fields.String(load_default=None, allow_none=True)
+
+    @post_load
+    def make(self, data: dict[str, Any], **_: Any) -> LoggingSection:
+        return LoggingSection(**data)
+
+
 class ManagerConfigSchema(Schema):
     """The manager's TOML file (see docs/configuration.md)."""
 
@@ -220,6 +309,9 @@ class ManagerConfigSchema(Schema):
     store = fields.Nested(DriverSchema, load_default=lambda: DriverSection())
     transport = fields.Nested(DriverSchema, load_default=lambda: DriverSection(name="tcp"))
     sources = fields.Dict(keys=fields.String(), values=fields.Dict(), load_default=dict)
+    api = fields.Nested(_ApiSchema, load_default=lambda: ApiSection())
+    metrics = fields.Nested(_MetricsSchema, load_default=lambda: MetricsSection())
+    logging = fields.Nested(_LoggingSchema, load_default=lambda: LoggingSection())
 
     @post_load
     def make(self, data: dict[str, Any], **_: Any) -> ManagerConfig:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pluggy
 
+from .admin import Admin
 from .cache import WpkCache
 from .config import ManagerConfig, load_manager_config
 from .dispatcher import Dispatcher
@@ -26,6 +27,7 @@ from .errors import TaskCode, UpgradeCode, WpkUpgradeError
 from .framing import FrameTooLarge, discard, read_frame, write_frame
 from .hub import AgentRegistry
 from .interfaces import TaskStore, Transport
+from .logging_setup import EventLogPlugin, configure_manager_logging
 from .models import TaskStatus
 from .plugin_manager import make_plugin_manager
 from .protocol import (
@@ -85,9 +87,13 @@ class Manager:
         self.service = UpgradeService(
             config, self.store, self.pm, self.tasks, self.sources, self.dispatcher, self.hub
         )
+        self.admin = Admin(config, self.store, self.sources)
+        if not self.pm.has_plugin("event_log"):
+            self.pm.register(EventLogPlugin(), name="event_log")
         self.hub.on_event = self._agent_event
         self.stop_event = asyncio.Event()
         self._servers: list[asyncio.base_events.Server] = []
+        self.web: list[Any] = []  # HTTP API and metrics servers (api.WebServer)
         self._background: list[asyncio.Task[None]] = []
 
     async def _agent_event(self, agent_id: int, message: dict[str, Any]) -> dict[str, Any]:
@@ -125,6 +131,9 @@ class Manager:
         self._servers.append(server)
 
     async def _task_socket(self, raw: bytes) -> dict[str, Any]:
+        admin_reply = await self.admin.maybe_handle(raw)  # extensions (admin.py)
+        if admin_reply is not None:
+            return admin_reply
         try:
             request = parse_task_request(raw)
         except RequestRejected as rej:
@@ -149,6 +158,7 @@ class Manager:
             upgrade_error_reply(UpgradeCode.PARSING_ERROR),
         )
         await self.transport.serve(self.hub)
+        await self._start_web()
         self._background = [
             asyncio.create_task(self.dispatcher.run(self.stop_event)),
             asyncio.create_task(self.tasks.run_sweeper(self.stop_event)),
@@ -157,6 +167,17 @@ class Manager:
         log.info(
             "manager node %s ready: %s, %s", cfg.node_name, cfg.upgrade_socket, cfg.task_socket
         )
+
+    async def _start_web(self) -> None:
+        """The metrics endpoint and the HTTP API, when configured (extra ``api``)."""
+        if self.config.metrics.enabled:
+            from .metrics import start_metrics
+
+            self.web.append(await start_metrics(self))
+        if self.config.api.enabled:
+            from .api import start_api
+
+            self.web.append(await start_api(self))
 
     async def _recover(self) -> None:
         """Pending tasks of this node: cancelled (reference) or resumed (default)."""
@@ -177,6 +198,8 @@ class Manager:
         self.stop_event.set()
         for server in self._servers:
             server.close()
+        while self.web:
+            await self.web.pop().close()
         await self.transport.close()
         for task in self._background:
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -202,14 +225,16 @@ def setup_logging(level: str = "INFO") -> None:
     )
 
 
-def run_manager(config_path: str, log_level: str = "INFO") -> int:
-    """Process entry point; returns the exit status."""
-    setup_logging(log_level)
+def run_manager(config_path: str, log_level: str | None = None) -> int:
+    """Process entry point; returns the exit status. ``log_level`` overrides
+    ``[logging] level``."""
+    setup_logging(log_level or "INFO")
     try:
         config = load_manager_config(config_path)
     except WpkUpgradeError as exc:
         log.error("%s", exc)
         return 2
+    configure_manager_logging(config, log_level)
 
     async def main() -> int:
         try:
