@@ -112,6 +112,12 @@ class UpgradeSection:
     installer_timeout: float = 600.0
     open_attempts: int = 10
     open_retry_delay: float = 1.0
+    #: "windowed" (default): many chunks in flight, resumable (agents announcing the
+    #: extensions); "reference": the reference's stop-and-wait exchange for every agent.
+    transfer_mode: str = "windowed"
+    window: int = 16
+    resume_timeout: float = 300.0
+    resume_attempts: int = 5
 
 
 @dataclass(frozen=True)
@@ -200,6 +206,12 @@ class _UpgradeSchema(Schema):
     installer_timeout = fields.Float(load_default=600.0, validate=validate.Range(min=1))
     open_attempts = fields.Integer(load_default=10, validate=validate.Range(1, 100))
     open_retry_delay = fields.Float(load_default=1.0, validate=validate.Range(0, 60))
+    transfer_mode = fields.String(
+        load_default="windowed", validate=validate.OneOf(["windowed", "reference"])
+    )
+    window = fields.Integer(load_default=16, validate=validate.Range(1, 256))
+    resume_timeout = fields.Float(load_default=300.0, validate=validate.Range(0, 86400))
+    resume_attempts = fields.Integer(load_default=5, validate=validate.Range(0, 1000))
 
     @post_load
     def make(self, data: dict[str, Any], **_: Any) -> UpgradeSection:

@@ -69,6 +69,10 @@ class Dispatcher:
             installer_timeout=config.upgrade.installer_timeout,
             open_attempts=config.upgrade.open_attempts,
             open_retry_delay=config.upgrade.open_retry_delay,
+            mode=config.upgrade.transfer_mode,
+            window=config.upgrade.window,
+            resume_timeout=config.upgrade.resume_timeout,
+            resume_attempts=config.upgrade.resume_attempts,
         )
 
     def submit(self, task_id: int) -> None:
@@ -146,6 +150,11 @@ class Dispatcher:
                 self.settings,
                 progress=self._progress_recorder(task),
                 before_install=lambda: self._still_running(task_id),
+                # a lost connection: wait for the agent's next one, then resume the transfer
+                reconnect=lambda old: self.hub.wait_link(
+                    task.agent_id, self.settings.resume_timeout, not_link=old
+                ),
+                task_id=task_id,
             )
             log.info("task %d: sending %s to agent %03d", task_id, wpk.file_name, task.agent_id)
             await pusher.push(wpk)
@@ -189,14 +198,33 @@ class Dispatcher:
         return task is not None and task.status is TaskStatus.IN_PROGRESS
 
     def _progress_recorder(self, task: Task):  # type: ignore[no-untyped-def]
+        """``record(sent, total)``: acknowledged bytes, written at most once per
+        ``PROGRESS_INTERVAL``; a skipped value is written when the interval ends (so a stalled
+        or resumed transfer shows where it really is), the final one at once."""
         last = [0.0]
+        latest: list[tuple[int, int]] = []
+        timer: list[asyncio.TimerHandle] = []
         loop = asyncio.get_running_loop()
+
+        def flush() -> None:
+            timer.clear()
+            if latest and not self._stopping():
+                write_progress(*latest.pop())
 
         def record(sent: int, total: int) -> None:
             t = time.monotonic()
+            latest[:] = [(sent, total)]
             if sent < total and t - last[0] < PROGRESS_INTERVAL:
+                if not timer:
+                    timer.append(loop.call_later(PROGRESS_INTERVAL - (t - last[0]), flush))
                 return
-            last[0] = t
+            if timer:
+                timer.pop().cancel()
+            latest.clear()
+            write_progress(sent, total)
+
+        def write_progress(sent: int, total: int) -> None:
+            last[0] = time.monotonic()
             write = loop.run_in_executor(None, self.store.set_progress, task.task_id, sent, total)
             self._writes.add(write)
             write.add_done_callback(self._writes.discard)

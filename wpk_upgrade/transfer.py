@@ -1,20 +1,46 @@
-"""Pushing a WPK to one agent with the reference command sequence (reference §7.1-7.3).
+"""Pushing a WPK to one agent: the reference command sequence, or our windowed resumable one.
 
-``lock_restart`` (always the legacy ``com`` form), ``open`` (retried), ``write`` per chunk,
-``close``, ``sha1`` (compared case-insensitively, a reference bug fixed), then ``upgrade``.
-Agents at v4.1.0 or later get the JSON commands of target ``upgrade``; older agents the legacy
-text commands of target ``com`` (raw chunk bytes carried as latin-1 text). Each failing step
-raises ``UpgradeError`` with the reference code (18 to 23) and a precise detail.
+Reference exchange (reference §7.1-7.3; ``transfer_mode = "reference"``, and always for legacy
+agents, older agents and agents that do not announce the extensions): ``lock_restart`` (always
+the legacy ``com`` form), ``open`` (retried), one ``write`` per chunk, each waiting for its
+answer (stop-and-wait), ``close``, ``sha1`` (compared case-insensitively, a reference bug
+fixed), then ``upgrade``. Agents at v4.1.0 or later get the JSON commands of target
+``upgrade``; older agents the legacy text commands of target ``com`` (raw chunk bytes carried as
+latin-1 text).
+
+Windowed exchange (``transfer_mode = "windowed"``, the default, for JSON agents whose link
+announces the ``offset``, ``resume`` and ``sha256`` features, see ``wpk_transport_tcp.wire``):
+
+1. ``lock_restart``;
+2. ``open`` with ``{"mode":"resume","file":F,"size":N,"sha1":..,"sha256":..}``: the agent
+   answers how many bytes of this very file it already holds (0 for a new transfer);
+3. ``write`` commands carrying ``offset``, up to ``window`` of them in flight at once; the
+   acknowledged contiguous prefix is the progress reported;
+4. ``close``, then ``sha1`` and ``sha256`` compared with the expected digests (a mismatch after
+   a resumed transfer starts the file over once);
+5. ``upgrade``, as in the reference.
+
+When the agent's connection is lost before step 5 (agent restart, network cut), the pusher waits
+up to ``resume_timeout`` seconds for the agent to come back (``reconnect``), then starts again at
+step 1; step 2 tells it where to continue, so only the rest is sent (at most
+``resume_attempts`` times). After a manager restart the next push of the task does the same.
+Each failing step raises ``UpgradeError`` with the reference code (18 to 23) and a detail.
+
+Every transfer reads the WPK from the one cached file (opened per transfer, never copied).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
+import os
+import threading
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import versions
@@ -25,6 +51,15 @@ from .models import WpkRef
 log = logging.getLogger(__name__)
 
 JSON_PROTOCOL_SINCE = "v4.1.0"
+#: What an agent must announce for the windowed, resumable transfer.
+WINDOW_FEATURES = frozenset({"offset", "resume", "sha256"})
+TRANSFER_MODES = ("windowed", "reference")
+#: Agent reply code "Upgrade module is disabled or not ready yet" (an agent just restarted).
+NOT_READY = 1
+UNSUPPORTED_MODE = 4
+
+Progress = Callable[[int, int], None]
+Reconnect = Callable[[AgentLink], Awaitable[AgentLink | None]]
 
 
 @dataclass(frozen=True)
@@ -36,14 +71,43 @@ class TransferSettings:
     installer_timeout: float = 600.0
     open_attempts: int = 10
     open_retry_delay: float = 1.0
+    mode: str = "windowed"
+    window: int = 16
+    resume_timeout: float = 300.0
+    resume_attempts: int = 5
+
+
+@dataclass
+class TransferStats:
+    """What one push did: ``bytes_sent`` counts chunk bytes sent (re-sent ones included)."""
+
+    mode: str = "reference"
+    total: int = 0
+    bytes_sent: int = 0
+    resumed_at: list[int] = field(default_factory=list)
+    reconnects: int = 0
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
 class Reply:
-    """An agent's answer reduced to success and data (reference C067)."""
+    """An agent's answer reduced to success and data (reference C067), plus its code."""
 
     ok: bool
     data: str
+    code: int | None = None
+
+
+class LinkLost(UpgradeError):
+    """The agent's connection ended during a command (the push may resume)."""
+
+
+class _Restart(Exception):
+    """The agent's copy does not match after a resumed transfer: send the file again."""
+
+
+class _NoResume(Exception):
+    """The agent refused ``open`` in resume mode: use the reference exchange."""
 
 
 def parse_json_reply(text: str) -> Reply:
@@ -56,7 +120,7 @@ def parse_json_reply(text: str) -> Reply:
         return Reply(False, "Unknown error from agent.")
     message = obj.get("message")
     data = message if isinstance(message, str) else ""
-    return Reply(obj["error"] == 0, data)
+    return Reply(obj["error"] == 0, data, obj["error"])
 
 
 def parse_legacy_reply(text: str) -> Reply:
@@ -74,26 +138,85 @@ def uses_json(agent_version: str | None) -> bool:
     return versions.compare(current, JSON_PROTOCOL_SINCE) >= 0
 
 
+def link_features(link: AgentLink) -> frozenset[str]:
+    """The protocol extensions the agent behind ``link`` announced (none if unknown)."""
+    value = getattr(link, "features", None)
+    return frozenset(value) if value else frozenset()
+
+
 def _json_command(command: str, **parameters: Any) -> str:
     return json.dumps({"command": command, "parameters": parameters}, separators=(",", ":"))
 
 
+# --------------------------------------------------------------------------- digests
+
+_digest_lock = threading.Lock()
+_digest_locks: dict[str, threading.Lock] = {}
+_digests: dict[tuple[str, int, int], tuple[str, str]] = {}
+
+
+def file_digests(path: str) -> tuple[str, str]:
+    """SHA1 and SHA-256 of a cached WPK, computed once per file version (many transfers of
+    the same WPK share the result)."""
+    with _digest_lock:
+        lock = _digest_locks.setdefault(path, threading.Lock())
+    with lock:
+        st = os.stat(path)
+        key = (path, st.st_size, st.st_mtime_ns)
+        cached = _digests.get(key)
+        if cached is not None:
+            return cached
+        sha1, sha256 = hashlib.sha1(), hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                sha1.update(block)
+                sha256.update(block)
+        result = (sha1.hexdigest(), sha256.hexdigest())
+        with _digest_lock:
+            if len(_digests) > 256:
+                _digests.clear()
+            _digests[key] = result
+        return result
+
+
+# --------------------------------------------------------------------------- pusher
+
+
 class WpkPusher:
-    """Runs the command sequence over one ``AgentLink``."""
+    """Runs the command sequence over one ``AgentLink`` (replaced by ``reconnect`` when the
+    windowed transfer resumes on a new connection)."""
 
     def __init__(
         self,
         link: AgentLink,
         agent_version: str | None,
         settings: TransferSettings,
-        progress: Callable[[int, int], None] | None = None,
+        progress: Progress | None = None,
         before_install: Callable[[], Awaitable[bool]] | None = None,
+        reconnect: Reconnect | None = None,
+        task_id: int | None = None,
     ) -> None:
         self.link = link
         self.json = uses_json(agent_version)
         self.settings = settings
         self.progress = progress
         self.before_install = before_install
+        self.reconnect = reconnect
+        self.stats = TransferStats()
+        self.where = f"task {task_id} " if task_id is not None else ""
+
+    @property
+    def windowed(self) -> bool:
+        """True when this push uses the windowed, resumable exchange."""
+        return (
+            self.json
+            and self.settings.mode == "windowed"
+            and WINDOW_FEATURES <= link_features(self.link)
+        )
+
+    def _report(self, sent: int, total: int) -> None:
+        if self.progress:
+            self.progress(sent, total)
 
     async def _send(
         self, target: str, payload: str, code: UpgradeCode, timeout: float | None = None
@@ -105,9 +228,8 @@ class WpkPusher:
         except TimeoutError as exc:
             raise UpgradeError(code, "no answer from the agent in time") from exc
         except (ConnectionError, OSError) as exc:
-            raise UpgradeError(code, f"agent connection lost: {exc}") from exc
-        reply = parse_json_reply(text) if target == "upgrade" else parse_legacy_reply(text)
-        return reply
+            raise LinkLost(code, f"agent connection lost: {exc}") from exc
+        return parse_json_reply(text) if target == "upgrade" else parse_legacy_reply(text)
 
     async def _command(
         self,
@@ -123,11 +245,39 @@ class WpkPusher:
 
     async def push(self, wpk: WpkRef) -> str:
         """Deliver and install ``wpk``; returns the installer's exit status text ("0")."""
-        name = wpk.file_name
+        started = time.monotonic()
+        if self.windowed:
+            await self._deliver_windowed(wpk)
+        else:
+            await self._deliver_reference(wpk)
+        stats = self.stats
+        stats.seconds = time.monotonic() - started
+        log.info(
+            "%sagent %03d: %s transfer of %s done: %d bytes, %d bytes sent, resumed at %s, "
+            "%d reconnections, %.2f s",
+            self.where,
+            self.link.agent_id,
+            stats.mode,
+            wpk.file_name,
+            stats.total,
+            stats.bytes_sent,
+            stats.resumed_at or "-",
+            stats.reconnects,
+            stats.seconds,
+        )
+        return await self._install(wpk)
+
+    async def _lock_restart(self) -> None:
         lock = await self._send("com", "lock_restart -1", UpgradeCode.SEND_LOCK_RESTART_ERROR)
         if not lock.ok:
             raise UpgradeError(UpgradeCode.SEND_LOCK_RESTART_ERROR, f"agent said: {lock.data}")
 
+    # ------------------------------------------------------------------ reference exchange
+
+    async def _deliver_reference(self, wpk: WpkRef) -> None:
+        name = wpk.file_name
+        self.stats.mode = "reference"
+        await self._lock_restart()
         last = ""
         for attempt in range(1, self.settings.open_attempts + 1):
             reply = await self._command(
@@ -147,9 +297,10 @@ class WpkPusher:
                 f"{self.settings.open_attempts} attempts, last answer: {last}",
             )
 
-        total = wpk.size
         sent = 0
         with open(wpk.path, "rb") as fh:
+            total = os.fstat(fh.fileno()).st_size
+            self.stats.total = total
             while chunk := fh.read(self.settings.chunk_size):
                 if self.json:
                     reply = await self._send(
@@ -168,13 +319,13 @@ class WpkPusher:
                         f"write {len(chunk)} {name} " + chunk.decode("latin-1"),
                         UpgradeCode.SEND_WRITE_ERROR,
                     )
+                self.stats.bytes_sent += len(chunk)
                 if not reply.ok:
                     raise UpgradeError(
                         UpgradeCode.SEND_WRITE_ERROR, f"at byte {sent}: agent said: {reply.data}"
                     )
                 sent += len(chunk)
-                if self.progress:
-                    self.progress(sent, total)
+                self._report(sent, total)
 
         reply = await self._command(
             UpgradeCode.SEND_CLOSE_ERROR, "close", f"close {name}", file=name
@@ -192,6 +343,218 @@ class WpkPusher:
                 f"agent has {reply.data}",
             )
 
+    # ------------------------------------------------------------------ windowed exchange
+
+    async def _deliver_windowed(self, wpk: WpkRef) -> None:
+        self.stats.mode = "windowed"
+        sha1, sha256 = await asyncio.to_thread(file_digests, wpk.path)
+        expected_sha1 = (wpk.sha1 or sha1).strip().lower()
+        expected_sha256 = (wpk.sha256 or sha256).strip().lower()
+        failures = 0
+        restarted = False
+        while True:
+            try:
+                await self._windowed_once(
+                    wpk, expected_sha1, expected_sha256, patient=failures > 0, afresh=restarted
+                )
+                return
+            except _NoResume:
+                log.info(
+                    "%sagent %03d refused a resumable open; using the reference exchange",
+                    self.where,
+                    self.link.agent_id,
+                )
+                await self._deliver_reference(wpk)
+                return
+            except _Restart as exc:
+                if restarted:
+                    raise UpgradeError(UpgradeCode.SEND_SHA1_ERROR, str(exc)) from None
+                restarted = True
+                log.warning(
+                    "%sagent %03d: %s after a resumed transfer; sending the whole file again",
+                    self.where,
+                    self.link.agent_id,
+                    exc,
+                )
+            except LinkLost as exc:
+                failures += 1
+                if self.reconnect is None or failures > self.settings.resume_attempts:
+                    raise
+                agent_id = self.link.agent_id
+                log.info(
+                    "%sagent %03d: %s; waiting up to %.0f s for it to come back to resume",
+                    self.where,
+                    agent_id,
+                    exc.detail,
+                    self.settings.resume_timeout,
+                )
+                link = await self.reconnect(self.link)
+                if link is None:
+                    raise UpgradeError(
+                        exc.code,
+                        f"{exc.detail}; the agent did not come back within "
+                        f"{self.settings.resume_timeout:g} s",
+                    ) from exc
+                self.link = link
+                self.stats.reconnects += 1
+                if not self.windowed:
+                    await self._deliver_reference(wpk)
+                    return
+
+    async def _discard(self, name: str) -> None:
+        """Truncate the agent's copy (and forget its progress): ``open`` in ``wb`` mode."""
+        reply = await self._command(
+            UpgradeCode.SEND_OPEN_ERROR, "open", f"open wb {name}", mode="wb", file=name
+        )
+        if not reply.ok:
+            raise UpgradeError(UpgradeCode.SEND_OPEN_ERROR, f"agent said: {reply.data}")
+
+    async def _open_resume(
+        self, name: str, total: int, sha1: str, sha256: str, patient: bool
+    ) -> int:
+        """``open`` in resume mode, retried; returns the offset the agent holds.
+
+        ``patient`` (a resume after a lost connection): "not ready" answers (an agent that has
+        just restarted runs its start-up check first) are retried until ``resume_timeout``."""
+        deadline = time.monotonic() + self.settings.resume_timeout
+        attempts = 0
+        payload = _json_command(
+            "open", mode="resume", file=name, size=total, sha1=sha1, sha256=sha256
+        )
+        while True:
+            reply = await self._send("upgrade", payload, UpgradeCode.SEND_OPEN_ERROR)
+            if reply.ok:
+                text = reply.data.strip()
+                if not text.isdigit() or int(text) > total:
+                    raise UpgradeError(
+                        UpgradeCode.SEND_OPEN_ERROR, f"unexpected resume answer {reply.data!r}"
+                    )
+                return int(text)
+            if reply.code == UNSUPPORTED_MODE:
+                raise _NoResume()
+            waiting = patient and reply.code == NOT_READY and time.monotonic() < deadline
+            if not waiting:
+                attempts += 1
+                if attempts >= self.settings.open_attempts:
+                    raise UpgradeError(
+                        UpgradeCode.SEND_OPEN_ERROR,
+                        f"{self.settings.open_attempts} attempts, last answer: {reply.data}",
+                    )
+            log.debug("open (resume) of %s refused: %s", name, reply.data)
+            await asyncio.sleep(max(self.settings.open_retry_delay, 0.05 if waiting else 0))
+
+    async def _windowed_once(
+        self, wpk: WpkRef, sha1: str, sha256: str, *, patient: bool, afresh: bool
+    ) -> None:
+        name = wpk.file_name
+        fd = os.open(wpk.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        try:
+            total = os.fstat(fd).st_size
+            self.stats.total = total
+            await self._lock_restart()
+            if afresh:
+                await self._discard(name)
+            offset = await self._open_resume(name, total, sha1, sha256, patient)
+            self.stats.resumed_at.append(offset)
+            if offset:
+                log.info(
+                    "%sagent %03d holds %d of %d bytes of %s; sending the rest",
+                    self.where,
+                    self.link.agent_id,
+                    offset,
+                    total,
+                    name,
+                )
+            self._report(offset, total)
+            await self._stream(fd, name, offset, total)
+        finally:
+            os.close(fd)
+        reply = await self._command(
+            UpgradeCode.SEND_CLOSE_ERROR, "close", f"close {name}", file=name
+        )
+        if not reply.ok:
+            raise UpgradeError(UpgradeCode.SEND_CLOSE_ERROR, f"agent said: {reply.data}")
+        resumed = self.stats.resumed_at[-1] > 0
+        for algorithm, expected in (("sha1", sha1), ("sha256", sha256)):
+            reply = await self._send(
+                "upgrade", _json_command(algorithm, file=name), UpgradeCode.SEND_SHA1_ERROR
+            )
+            if not reply.ok:
+                raise UpgradeError(UpgradeCode.SEND_SHA1_ERROR, f"agent said: {reply.data}")
+            if reply.data.strip().lower() != expected:
+                text = (
+                    f"The {algorithm.upper()} of the file doesn't match in the agent: expected "
+                    f"{expected}, agent has {reply.data}"
+                )
+                if resumed:
+                    raise _Restart(text)
+                raise UpgradeError(UpgradeCode.SEND_SHA1_ERROR, text)
+
+    async def _stream(self, fd: int, name: str, start: int, total: int) -> None:
+        """Send bytes ``start..total`` with up to ``window`` writes awaiting their answer."""
+        window = max(1, self.settings.window)
+        chunk_size = self.settings.chunk_size
+        inflight: dict[asyncio.Task[Reply], tuple[int, int]] = {}
+        done_chunks: dict[int, int] = {}
+        acked = start
+        next_offset = start
+        try:
+            while next_offset < total or inflight:
+                while next_offset < total and len(inflight) < window:
+                    data = os.pread(fd, min(chunk_size, total - next_offset), next_offset)
+                    if not data:
+                        raise UpgradeError(
+                            UpgradeCode.SEND_WRITE_ERROR, f"the WPK ends at byte {next_offset}"
+                        )
+                    payload = _json_command(
+                        "write",
+                        buffer=base64.b64encode(data).decode(),
+                        length=len(data),
+                        file=name,
+                        offset=next_offset,
+                    )
+                    task = asyncio.ensure_future(
+                        self._send("upgrade", payload, UpgradeCode.SEND_WRITE_ERROR)
+                    )
+                    inflight[task] = (next_offset, len(data))
+                    self.stats.bytes_sent += len(data)
+                    next_offset += len(data)
+                finished, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                lost: LinkLost | None = None
+                failure: BaseException | None = None
+                for task in finished:
+                    at, size = inflight.pop(task)
+                    exc = task.exception()
+                    if isinstance(exc, LinkLost):
+                        lost = lost or exc
+                    elif exc is not None:
+                        failure = failure or exc
+                    elif not task.result().ok:
+                        failure = failure or UpgradeError(
+                            UpgradeCode.SEND_WRITE_ERROR,
+                            f"at byte {at}: agent said: {task.result().data}",
+                        )
+                    else:
+                        done_chunks[at] = size
+                if failure is not None:
+                    raise failure
+                if lost is not None:
+                    raise lost
+                before = acked
+                while acked in done_chunks:
+                    acked += done_chunks.pop(acked)
+                if acked != before:
+                    self._report(acked, total)
+        finally:
+            for task in inflight:
+                task.cancel()
+            if inflight:
+                await asyncio.gather(*inflight, return_exceptions=True)
+
+    # ------------------------------------------------------------------ install
+
+    async def _install(self, wpk: WpkRef) -> str:
+        name = wpk.file_name
         if self.before_install is not None and not await self.before_install():
             raise UpgradeError(UpgradeCode.SEND_UPGRADE_ERROR, "task cancelled before install")
 

@@ -23,6 +23,20 @@ in compact JSON. Commands: ``open``, ``write``, ``close``, ``sha1``, ``upgrade``
 * after a successful verification and unpacking the received WPK is deleted from
   ``var/incoming`` (what the reference meant to do, §11.14).
 
+Extensions for the manager's windowed, resumable transfer (announced as ``features``; the
+reference sequence is unchanged):
+
+* ``write`` may carry ``offset`` (an integer >= 0): the chunk is written there (``pwrite``)
+  instead of at the current position, so chunks may arrive out of order;
+* ``open`` with ``"mode":"resume"`` and the file's announced ``size`` (plus ``sha1`` and/or
+  ``sha256``) opens without truncating when ``var/incoming/<file>.progress`` records a
+  transfer of the very same file, and answers the number of bytes already held (the
+  contiguous prefix written) as its ``message``; otherwise it starts the file afresh and
+  answers ``0``. While such a file is open the contiguous prefix is tracked and persisted in
+  that progress file (at least every 1 MiB or half second, and at ``close``), so it survives an
+  agent restart; writes past the announced size answer 10. ``open`` in ``w``/``wb`` mode and a
+  successful ``upgrade`` delete the progress file.
+
 Target ``com`` (reference §3.4, §7.3): ``lock_restart <n>`` always, and the legacy
 ``open``/``write``/``close``/``sha1``/``upgrade``/``upgrade_result`` of pre-4.1 agents with the
 legacy reply texts (``ok ...`` / ``err ...``). Legacy file and upgrade commands obey the same
@@ -46,11 +60,12 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import AgentCode, AgentCommandError, WpkError, agent_message
+from ..untrusted import clip, clip_text, loads
 from ..wpk import verify_and_unpack
 from .config import AgentConfig
 from .installer import InstallerResult, run_installer
@@ -62,6 +77,11 @@ FILE_MODES = ("w", "wb")
 CA_DISABLED_WARNING = "WPK verification with CA is disabled"
 DEFAULT_INSTALLER = "upgrade.bat" if sys.platform == "win32" else "upgrade.sh"
 _HASH_BLOCK = 1 << 20
+RESUME_MODE = "resume"
+PROGRESS_SUFFIX = ".progress"
+#: The progress file is rewritten when the prefix grew this much, or this long after the last.
+PROGRESS_BYTES = 1 << 20
+PROGRESS_SECONDS = 0.5
 
 
 def reply(code: AgentCode | int, message: str | None = None) -> str:
@@ -106,10 +126,82 @@ class RestartLock:
 
 
 @dataclass
+class _Progress:
+    """What a resumable transfer holds: the file's identity and its contiguous prefix."""
+
+    path: Path
+    name: str
+    size: int
+    sha1: str | None
+    sha256: str | None
+    contiguous: int = 0
+    beyond: dict[int, int] = field(default_factory=dict)
+    saved: int = -1
+    saved_at: float = 0.0
+
+    def same_file(self, other: dict[str, Any]) -> bool:
+        return (
+            other.get("file") == self.name
+            and other.get("size") == self.size
+            and other.get("sha1") == self.sha1
+            and other.get("sha256") == self.sha256
+        )
+
+    def add(self, start: int, end: int) -> None:
+        """Record bytes ``start..end`` as written; grow the contiguous prefix."""
+        if start > self.contiguous:
+            self.beyond[start] = max(self.beyond.get(start, start), end)
+            return
+        self.contiguous = max(self.contiguous, end)
+        merged = True
+        while merged and self.beyond:
+            merged = False
+            for first in [b for b in self.beyond if b <= self.contiguous]:
+                self.contiguous = max(self.contiguous, self.beyond.pop(first))
+                merged = True
+
+    def save(self, force: bool = False) -> None:
+        """Rewrite the progress file (atomically) when due, or always with ``force``."""
+        now = time.monotonic()
+        if self.contiguous == self.saved and not force:
+            return
+        due = (
+            self.contiguous - self.saved >= PROGRESS_BYTES
+            or now - self.saved_at >= PROGRESS_SECONDS
+            or self.contiguous >= self.size
+        )
+        if not (force or due):
+            return
+        record = {
+            "file": self.name,
+            "size": self.size,
+            "sha1": self.sha1,
+            "sha256": self.sha256,
+            "contiguous": self.contiguous,
+        }
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self.path)
+        self.saved, self.saved_at = self.contiguous, now
+
+
+def _read_progress(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("contiguous"), int):
+        return None
+    return record
+
+
+@dataclass
 class _OpenFile:
     name: str
     path: Path
     fd: int
+    position: int = 0
+    progress: _Progress | None = None
 
 
 def _required(params: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
@@ -162,6 +254,9 @@ class CommandHandler:
     the ``lock_restart`` state the daemon honours on SIGHUP.
     """
 
+    #: Protocol extensions, announced by the transport in the agent's hello.
+    features = ("offset", "resume", "sha256")
+
     def __init__(
         self,
         config: AgentConfig,
@@ -198,7 +293,7 @@ class CommandHandler:
                 return await self.handle_json(payload)
             if target == "com":
                 return await self.handle_legacy(payload)
-            self.log.warning("refused a request for unknown target %r", target)
+            self.log.warning("refused a request for unknown target %s", clip(target))
             return "err Unrecognized command"
         finally:
             self._inflight -= 1
@@ -221,8 +316,8 @@ class CommandHandler:
     async def handle_json(self, payload: str) -> str:
         """One JSON command (reference §7.2) -> its JSON reply text."""
         try:
-            request = json.loads(payload)
-        except (ValueError, RecursionError) as exc:
+            request = loads(payload, nul=True)
+        except ValueError as exc:
             return self._refuse(None, AgentCommandError(AgentCode.COMMAND_NOT_FOUND, str(exc)))
         command = request.get("command") if isinstance(request, dict) else None
         if not isinstance(command, str):
@@ -248,16 +343,16 @@ class CommandHandler:
         except AgentCommandError as exc:
             return self._refuse(command, exc)
         except Exception:
-            self.log.exception("command %r failed unexpectedly", command)
+            self.log.exception("command %s failed unexpectedly", clip(command))
             return reply(AgentCode.EXECUTE)
 
     def _refuse(self, command: str | None, exc: AgentCommandError) -> str:
         self.log.warning(
-            "refused command %r: %s (%d)%s",
-            command,
+            "refused command %s: %s (%d)%s",
+            clip(command),
             exc.text,
             exc.code,
-            f": {exc.detail}" if exc.detail else "",
+            f": {clip_text(exc.detail)}" if exc.detail else "",
         )
         return reply(exc.code, exc.text)
 
@@ -274,6 +369,19 @@ class CommandHandler:
     async def _json_open(self, params: dict[str, Any]) -> str:
         mode = _required(params, "mode", str)
         name = _required(params, "file", str)
+        if mode == RESUME_MODE:
+            size = _required(params, "size", int)
+            digests = {}
+            for key in ("sha1", "sha256"):
+                value = params.get(key)
+                if value is not None and not isinstance(value, str):
+                    raise AgentCommandError(AgentCode.REQUIRED_PARAMETERS, f"{key!r} not text")
+                digests[key] = value.lower() if value else None
+            if size < 0 or not any(digests.values()):
+                raise AgentCommandError(
+                    AgentCode.REQUIRED_PARAMETERS, "resume needs a size and sha1 or sha256"
+                )
+            return str(self.open_resume(name, size, digests["sha1"], digests["sha256"]))
         self.open_for_write(mode, name)
         return agent_message(AgentCode.OK)
 
@@ -283,6 +391,11 @@ class CommandHandler:
         length = _required(params, "length", int)
         if length < 0:
             raise AgentCommandError(AgentCode.REQUIRED_PARAMETERS, "'length' is negative")
+        offset = params.get("offset")
+        if offset is not None and (
+            isinstance(offset, bool) or not isinstance(offset, int) or offset < 0
+        ):
+            raise AgentCommandError(AgentCode.REQUIRED_PARAMETERS, "'offset' is not an integer")
         # name and open-file checks first, so that 5/7/9 take precedence over 10
         self._incoming(name)
         self._check_open(name, for_write=True)
@@ -290,7 +403,7 @@ class CommandHandler:
             data = base64.b64decode(buffer, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise AgentCommandError(AgentCode.CANNOT_WRITE, f"buffer is not base64: {exc}") from exc
-        self.write(name, data, length)
+        self.write(name, data, length, offset)
         return agent_message(AgentCode.OK)
 
     async def _json_close(self, params: dict[str, Any]) -> str:
@@ -352,6 +465,9 @@ class CommandHandler:
     def _drop_open(self) -> None:
         current, self._open = self._open, None
         if current is not None:
+            if current.progress is not None:
+                with contextlib.suppress(OSError):
+                    current.progress.save(force=True)
             with contextlib.suppress(OSError):
                 os.close(current.fd)
 
@@ -363,11 +479,23 @@ class CommandHandler:
         if mode not in FILE_MODES:
             raise AgentCommandError(AgentCode.UNSUPPORTED_MODE, f"mode {mode!r}")
         path = self._incoming(name)
+        fd = self._open_fd(path, truncate=True)
+        self._open = _OpenFile(name, path, fd)
+        with contextlib.suppress(OSError):
+            self._progress_path(path).unlink()
+        self.log.debug("opened %s for writing", path)
+
+    @staticmethod
+    def _progress_path(path: Path) -> Path:
+        return path.with_name(path.name + PROGRESS_SUFFIX)
+
+    @staticmethod
+    def _open_fd(path: Path, truncate: bool) -> int:
         # never through a symlink planted in var/incoming
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else 0)
         flags |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
         try:
-            fd = os.open(path, flags, 0o640)
+            return os.open(path, flags, 0o640)
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise AgentCommandError(
@@ -375,11 +503,47 @@ class CommandHandler:
                 f"cannot open {path}: {reason}",
                 text=agent_message(AgentCode.FILE_OPEN_ERROR) + reason,
             ) from exc
-        self._open = _OpenFile(name, path, fd)
-        self.log.debug("opened %s for writing", path)
 
-    def write(self, name: str, data: bytes, length: int) -> None:
-        """``write``: append exactly ``length`` bytes of ``data`` to the open file."""
+    def open_resume(self, name: str, size: int, sha1: str | None, sha256: str | None) -> int:
+        """``open`` in ``resume`` mode: keep what an earlier transfer of the same file wrote
+        (per its progress file) and return that many bytes; else start afresh and return 0."""
+        if self._open is not None:
+            self.log.warning("At open: File '%s' was opened. Closing.", self._open.path)
+            self._drop_open()
+        path = self._incoming(name)
+        progress = _Progress(self._progress_path(path), name, size, sha1, sha256)
+        record = _read_progress(progress.path)
+        offset = 0
+        fd = -1
+        if record is not None and progress.same_file(record):
+            fd = self._open_fd(path, truncate=False)
+            try:
+                held = os.fstat(fd).st_size
+            except OSError:
+                held = 0
+            offset = max(0, min(record["contiguous"], held, size))
+        if fd < 0:
+            fd = self._open_fd(path, truncate=True)
+        progress.contiguous = offset
+        try:
+            progress.save(force=True)
+        except OSError as exc:
+            os.close(fd)
+            raise AgentCommandError(
+                AgentCode.FILE_OPEN_ERROR,
+                f"cannot record progress in {progress.path}: {exc.strerror or exc}",
+                text=agent_message(AgentCode.FILE_OPEN_ERROR) + (exc.strerror or str(exc)),
+            ) from exc
+        self._open = _OpenFile(name, path, fd, position=offset, progress=progress)
+        if offset:
+            self.log.info("resuming %s at byte %d of %d", path, offset, size)
+        else:
+            self.log.debug("opened %s for a resumable transfer of %d bytes", path, size)
+        return offset
+
+    def write(self, name: str, data: bytes, length: int, offset: int | None = None) -> None:
+        """``write``: exactly ``length`` bytes of ``data`` at ``offset`` (default: where the
+        previous write ended, i.e. appended)."""
         self._incoming(name)
         current = self._check_open(name, for_write=True)
         if len(data) != length:
@@ -388,24 +552,44 @@ class CommandHandler:
                 f"write to '{current.path}' refused: {len(data)} bytes received, "
                 f"{length} announced",
             )
+        start = current.position if offset is None else offset
+        progress = current.progress
+        if progress is not None and start + length > progress.size:
+            raise AgentCommandError(
+                AgentCode.CANNOT_WRITE,
+                f"write to '{current.path}' refused: bytes {start}..{start + length} are past "
+                f"the announced size {progress.size}",
+            )
         view = memoryview(data)
+        at = start
         try:
             while view:
-                written = os.write(current.fd, view)
+                written = os.pwrite(current.fd, view, at)
                 if written <= 0:
                     raise OSError(0, "no progress")
                 view = view[written:]
+                at += written
         except OSError as exc:
             raise AgentCommandError(
                 AgentCode.CANNOT_WRITE,
                 f"At write: Cannot write on '{current.path}': {exc.strerror or exc}",
             ) from exc
+        current.position = at
+        if progress is not None:
+            progress.add(start, at)
+            try:
+                progress.save()
+            except OSError as exc:
+                self.log.warning("cannot record progress in %s: %s", progress.path, exc)
 
     def close(self, name: str) -> None:
         """``close``: flush to disk and close the open file."""
         self._incoming(name)
         current = self._check_open(name, for_write=False)
         self._open = None
+        if current.progress is not None:
+            with contextlib.suppress(OSError):
+                current.progress.save(force=True)
         try:
             os.fsync(current.fd)
         except OSError as exc:
@@ -468,6 +652,8 @@ class CommandHandler:
                 ) from exc
             with contextlib.suppress(OSError):
                 path.unlink()
+            with contextlib.suppress(OSError):
+                self._progress_path(path).unlink()
             verified = unpacked.verified
             self.log.info(
                 "WPK %s verified (sha1 %s, sha256 %s, CA verified: %s) and unpacked",
@@ -526,16 +712,18 @@ class CommandHandler:
                 raise self._disabled_error()
             return await func(self, payload, rest)
         except _LegacyReply as exc:
-            self.log.warning("refused legacy command %r: %s", command, exc)
+            self.log.warning("refused legacy command %s: %s", clip(command), clip_text(str(exc)))
             return f"err {exc}"
         except AgentCommandError as exc:
             text = _LEGACY_TEXT.get(AgentCode(exc.code), exc.text)
             if exc.code == AgentCode.FILE_OPEN_ERROR:
                 text = exc.text.removeprefix(agent_message(AgentCode.FILE_OPEN_ERROR))
-            self.log.warning("refused legacy command %r: %s (%s)", command, text, exc.detail)
+            self.log.warning(
+                "refused legacy command %s: %s (%s)", clip(command), text, clip_text(exc.detail)
+            )
             return f"err {text}"
         except Exception as exc:
-            self.log.exception("legacy command %r failed unexpectedly", command)
+            self.log.exception("legacy command %s failed unexpectedly", clip(command))
             return f"err {exc}"
 
     @staticmethod
