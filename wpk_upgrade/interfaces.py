@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, ClassVar
 
@@ -110,6 +110,12 @@ class UpdateOutcome(str):
 UPDATE_OK = UpdateOutcome("ok")
 UPDATE_NOT_FOUND = UpdateOutcome("not_found")
 
+#: What an active task is doing (``TaskStore.task_phase``): waiting In queue, being pushed
+#: (Updating), or past the point where the agent's installer may run (Updating).
+PHASE_QUEUED = "queued"
+PHASE_TRANSFERRING = "transferring"
+PHASE_INSTALLING = "installing"
+
 
 @dataclass(frozen=True)
 class TaskFilter:
@@ -180,9 +186,21 @@ class TaskStore(ABC):
         """
 
     @abstractmethod
-    def claim_pending(self, node: str, limit: int) -> list[Task]:
+    def claim_pending(
+        self,
+        node: str,
+        limit: int,
+        now: int | None = None,
+        skip_agents: Collection[int] = (),
+    ) -> list[Task]:
         """Atomically move up to ``limit`` Pending tasks of ``node`` to In progress (oldest
-        first) and return them; a task is never claimed twice, across processes."""
+        first) and return them; a task is never claimed twice, across processes and nodes.
+
+        Only tasks stored with parameters are claimed (an upgrade service created them to be
+        run); a task created without (the task socket's record-only ``upgrade``) stays
+        Pending. Tasks of the agents in ``skip_agents`` (a push to them is still running
+        here) are left Pending, so their timeout does not start (D7).
+        """
 
     @abstractmethod
     def get_status(self, agent_id: int, node: str) -> TaskStatus | None:
@@ -254,7 +272,30 @@ class TaskStore(ABC):
 
     @abstractmethod
     def delete_old(self, before: int) -> int:
-        """Delete final tasks created at or before ``before``; returns how many."""
+        """Delete final tasks created at or before ``before``; returns how many.
+
+        Their history stays (see ``delete_history_before``)."""
+
+    @abstractmethod
+    def delete_history_before(self, before: int) -> int:
+        """Delete the history rows recorded at or before ``before`` whose task no longer
+        exists (``history_retention``); returns how many."""
+
+    @abstractmethod
+    def record_phase(self, task_id: int, phase: str, now: int | None = None) -> bool:
+        """Record that an In progress task entered ``phase`` (``PHASE_INSTALLING``: the
+        installer may start from now on, so a restart must not push it again). Atomic with
+        the status check; False (nothing recorded) when the task is not In progress."""
+
+    @abstractmethod
+    def task_phase(self, task_id: int) -> str | None:
+        """``PHASE_QUEUED`` for a Pending task; for an In progress one the last recorded
+        phase, else ``PHASE_TRANSFERRING``; None for a final or unknown task."""
+
+    @abstractmethod
+    def interrupted_transfers(self, node: str) -> list[Task]:
+        """In progress tasks of ``node`` stored with parameters whose installer phase was
+        never recorded: pushes cut short by a stop or a crash (restart recovery), by id."""
 
     @abstractmethod
     def set_progress(self, task_id: int, sent: int, total: int) -> None:
@@ -276,6 +317,10 @@ class TaskStore(ABC):
     @abstractmethod
     def get_agent(self, agent_id: int) -> AgentInfo | None:
         """One agent, or None when unknown."""
+
+    @abstractmethod
+    def get_agents(self, agent_ids: Sequence[int]) -> dict[int, AgentInfo]:
+        """Several agents in a few queries (intake); unknown agents are omitted."""
 
     @abstractmethod
     def list_agents(self) -> list[AgentInfo]:

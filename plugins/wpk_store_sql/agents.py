@@ -6,7 +6,7 @@ connection status, the node it is connected to and when it was last seen.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from wpk_upgrade.models import AgentInfo
@@ -15,6 +15,8 @@ from .models import AGENT_COLUMNS, StoreModels, agent_values, to_agent
 from .urls import MYSQL, DbTarget
 
 R = TypeVar("R")
+
+_CHUNK = 500  # ids per IN (...) list
 
 
 class AgentRegistryMixin:
@@ -47,6 +49,24 @@ class AgentRegistryMixin:
             return None if row is None else to_agent(row)
 
         return self._run("get agent", op, write=False)
+
+    def get_agents(self, agent_ids: Sequence[int]) -> dict[int, AgentInfo]:
+        """Known agents among ``agent_ids``, one ``IN (...)`` query per 500 ids."""
+        wanted = sorted({int(a) for a in agent_ids})
+        if not wanted:
+            return {}
+
+        def op(m: StoreModels) -> dict[int, AgentInfo]:
+            a = m.agent
+            found: dict[int, AgentInfo] = {}
+            for start in range(0, len(wanted), _CHUNK):
+                chunk = wanted[start : start + _CHUNK]
+                found.update(
+                    (int(r.agent_id), to_agent(r)) for r in a.select().where(a.agent_id.in_(chunk))
+                )
+            return found
+
+        return self._run("get agents", op, write=False)
 
     def list_agents(self) -> list[AgentInfo]:
         def op(m: StoreModels) -> list[AgentInfo]:

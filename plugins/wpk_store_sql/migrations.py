@@ -20,7 +20,9 @@ Schema v1::
                  idx (node, status, create_time, task_id) pending/claim per node
                  idx (create_time)                      cleanup, listing by time
     task_history id PK auto, task_id, from_status NULL, to_status, change_time, node,
-                 reason NULL, extra NULL (JSON); kept when its task is deleted
+                 reason NULL, extra NULL (JSON); kept when its task is deleted; also
+                 holds phase rows (from = to = In progress, extra {"phase": ...}),
+                 which ``history()`` leaves out
                  idx (task_id, id), idx (change_time)
     agents       agent_id PK, name, version, os_platform, os_major, os_minor, os_arch,
                  connection_status, node, last_seen;  idx (node, connection_status)

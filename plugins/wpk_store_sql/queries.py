@@ -130,6 +130,32 @@ def history_entry(
     }
 
 
+def phase_extra(phase: str) -> str:
+    """The ``extra`` text of a phase row (exact text: phase rows are found by it)."""
+    return json.dumps({"phase": phase}, sort_keys=True)
+
+
+def phase_entry(task_id: int, phase: str, when: int, node: str) -> dict[str, Any]:
+    """A phase row: In progress -> In progress, ``extra.phase`` (not a status change)."""
+    status = TaskStatus.IN_PROGRESS
+    entry = history_entry(task_id, status, status, when, node, f"phase {phase}")
+    entry["extra"] = phase_extra(phase)
+    return entry
+
+
+def is_phase_row(h: Any) -> Any:
+    """Condition: a history row that records a phase, not a transition (from == to)."""
+    return h.from_status.is_null(False) & (h.from_status == h.to_status)
+
+
+def phase_of(extra: str | None) -> str | None:
+    """The phase named by a phase row's ``extra`` text."""
+    if not extra:
+        return None
+    value = json.loads(extra).get("phase")
+    return value if isinstance(value, str) else None
+
+
 def add_history(m: StoreModels, entries: Sequence[dict[str, Any]]) -> None:
     """Insert history rows."""
     for chunk in chunks(entries, 100):

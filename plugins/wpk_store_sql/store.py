@@ -15,7 +15,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -24,7 +24,16 @@ import peewee as pw
 from playhouse.pool import MaxConnectionsExceeded
 
 from wpk_upgrade.errors import PluginError, TaskCode, TaskError
-from wpk_upgrade.interfaces import UPDATE_NOT_FOUND, UPDATE_OK, TaskFilter, TaskStore, UpdateOutcome
+from wpk_upgrade.interfaces import (
+    PHASE_INSTALLING,
+    PHASE_QUEUED,
+    PHASE_TRANSFERRING,
+    UPDATE_NOT_FOUND,
+    UPDATE_OK,
+    TaskFilter,
+    TaskStore,
+    UpdateOutcome,
+)
 from wpk_upgrade.models import StatusChange, Task, TaskParams, TaskStatus
 from wpk_upgrade.models import now as clock_now
 
@@ -396,28 +405,40 @@ class SqlTaskStore(AgentRegistryMixin, TaskStore):
 
         return self._run("set task status", op)
 
-    def claim_pending(self, node: str, limit: int, now: int | None = None) -> list[Task]:
+    def claim_pending(
+        self,
+        node: str,
+        limit: int,
+        now: int | None = None,
+        skip_agents: Collection[int] = (),
+    ) -> list[Task]:
         """Atomically move up to ``limit`` Pending tasks of ``node`` to In progress.
 
-        Oldest first. PostgreSQL/MariaDB: ``SELECT ... FOR UPDATE SKIP LOCKED``, so claimers
-        on several processes or nodes never wait for each other nor claim a task twice;
-        SQLite: ``BEGIN IMMEDIATE``.
+        Oldest first; only tasks stored with parameters; none of ``skip_agents``.
+        PostgreSQL/MariaDB: ``SELECT ... FOR UPDATE SKIP LOCKED``, so claimers on several
+        processes or nodes never wait for each other nor claim a task twice; SQLite:
+        ``BEGIN IMMEDIATE``. A read probe first keeps an idle poll out of the write lock.
         """
         when = _now(now)
         if limit <= 0:
             return []
+        skip = sorted({int(a) for a in skip_agents})
+
+        def pick(m: StoreModels) -> Any:
+            t = m.task
+            cond = (t.node == node) & (t.status == PENDING.value) & t.params.is_null(False)
+            if skip:
+                cond &= t.agent_id.not_in(skip)
+            return t.select().where(cond).order_by(t.create_time, t.task_id)
+
+        if not self._run("claim probe", lambda m: pick(m).limit(1).exists(), write=False):
+            return []
 
         def op(m: StoreModels) -> list[Task]:
-            t = m.task
-            pick = (
-                t.select()
-                .where((t.node == node) & (t.status == PENDING.value))
-                .order_by(t.create_time, t.task_id)
-                .limit(limit)
-            )
+            query = pick(m).limit(limit)
             if self._locking:
-                pick = pick.for_update(skip_locked=True)
-            rows = list(pick)
+                query = query.for_update(skip_locked=True)
+            rows = list(query)
             moved = q.move_locked(m, rows, PENDING, IN_PROGRESS, node, "claimed", when)
             return [q.moved_task(r, IN_PROGRESS, when) for r in moved]
 
@@ -476,6 +497,64 @@ class SqlTaskStore(AgentRegistryMixin, TaskStore):
             return int(h.delete().where((h.change_time <= before) & gone).execute())
 
         return self._run("delete old history", op)
+
+    # ------------------------------------------------------------------ tasks: phases
+
+    def record_phase(self, task_id: int, phase: str, now: int | None = None) -> bool:
+        """One phase row in the history (``In progress -> In progress``, ``extra.phase``),
+        written only while the task is In progress (row locked on PostgreSQL/MariaDB)."""
+        when = _now(now)
+
+        def op(m: StoreModels) -> bool:
+            t = m.task
+            query = t.select(t.task_id, t.node, t.status).where(t.task_id == task_id)
+            row = (query.for_update() if self._locking else query).get_or_none()
+            if row is None or row.status != IN_PROGRESS.value:
+                return False
+            q.add_history(m, [q.phase_entry(task_id, phase, when, row.node)])
+            return True
+
+        return self._run("record phase", op)
+
+    def task_phase(self, task_id: int) -> str | None:
+        def op(m: StoreModels) -> str | None:
+            t = m.task
+            status = t.select(t.status).where(t.task_id == task_id).scalar()
+            if status == PENDING.value:
+                return PHASE_QUEUED
+            if status != IN_PROGRESS.value:
+                return None
+            h = m.history
+            extra = (
+                h.select(h.extra)
+                .where((h.task_id == task_id) & q.is_phase_row(h))
+                .order_by(h.id.desc())
+                .limit(1)
+                .scalar()
+            )
+            return q.phase_of(extra) or PHASE_TRANSFERRING
+
+        return self._run("task phase", op, write=False)
+
+    def interrupted_transfers(self, node: str) -> list[Task]:
+        def op(m: StoreModels) -> list[Task]:
+            t, h = m.task, m.history
+            installing = h.select(h.id).where(
+                (h.task_id == t.task_id) & (h.extra == q.phase_extra(PHASE_INSTALLING))
+            )
+            query = (
+                t.select()
+                .where(
+                    (t.node == node)
+                    & (t.status == IN_PROGRESS.value)
+                    & t.params.is_null(False)
+                    & ~pw.fn.EXISTS(installing)
+                )
+                .order_by(t.task_id)
+            )
+            return [to_task(r) for r in query]
+
+        return self._run("interrupted transfers", op, write=False)
 
     # ------------------------------------------------------------------ tasks: reading
 
@@ -537,7 +616,7 @@ class SqlTaskStore(AgentRegistryMixin, TaskStore):
     def history(self, task_id: int) -> list[StatusChange]:
         def op(m: StoreModels) -> list[StatusChange]:
             h = m.history
-            rows = h.select().where(h.task_id == task_id).order_by(h.id)
+            rows = h.select().where((h.task_id == task_id) & ~q.is_phase_row(h)).order_by(h.id)
             return [to_change(r) for r in rows]
 
         return self._run("task history", op, write=False)

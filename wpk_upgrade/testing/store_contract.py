@@ -19,8 +19,11 @@ What it pins down (reference §2.3, §2.4, §8; cases C076-C092 of categories F 
   update_time, error_msg (NULL unless given) and a history row on each change;
 * ``get_status``'s deletion of another node's Pending task (C091), the row shape (C081,
   C082, C092), cancel of a node's Pending tasks only (C084), timeout and cleanup (C085);
-* ``claim_pending`` and ``create_tasks_if_idle``, progress, listing filters, the agent
-  registry, persistence across close/open, and races between threads (and processes).
+* ``claim_pending`` (oldest first, only tasks stored with parameters, ``skip_agents``) and
+  ``create_tasks_if_idle``, progress, listing filters, the agent registry (``get_agents``),
+  persistence across close/open, and races between threads (and processes, and nodes);
+* phases for restart recovery: ``record_phase`` only while In progress, ``task_phase``,
+  ``interrupted_transfers``; phase rows never show in ``history`` (not transitions).
 """
 
 from __future__ import annotations
@@ -37,7 +40,15 @@ from typing import Any
 import pytest
 
 from ..errors import TaskCode, TaskError
-from ..interfaces import UPDATE_NOT_FOUND, UPDATE_OK, TaskFilter, TaskStore
+from ..interfaces import (
+    PHASE_INSTALLING,
+    PHASE_QUEUED,
+    PHASE_TRANSFERRING,
+    UPDATE_NOT_FOUND,
+    UPDATE_OK,
+    TaskFilter,
+    TaskStore,
+)
 from ..models import (
     REQUESTABLE_STATUSES,
     TRANSITIONS,
@@ -439,9 +450,7 @@ class TaskStoreContract:
         assert store.latest_tasks([1, 2]) == {}
 
     def test_delete_history_before(self, store: TaskStore) -> None:
-        delete_history = getattr(store, "delete_history_before", None)
-        if delete_history is None:
-            pytest.skip("store has no delete_history_before (optional)")
+        delete_history = store.delete_history_before
         gone = task_in(store, 1, TaskStatus.DONE, now=T0)
         kept = task_in(store, 2, TaskStatus.DONE, now=T0)
         assert store.delete_old(T0) == 2
@@ -474,6 +483,59 @@ class TaskStoreContract:
         assert store.claim_pending(NODE, 10) == []
         assert store.claim_pending(NODE, 0) == []
         assert [t.agent_id for t in store.pending_tasks(OTHER)] == [4]
+
+    def test_claim_pending_records_time_and_skips(self, store: TaskStore) -> None:
+        (a, b, c) = create(store, [1, 2, 3], now=T0)
+        (bare,) = store.create_tasks([4], NODE, MODULE, CMD, None, now=T0 - 5)  # record only
+        claimed = store.claim_pending(NODE, 10, now=T0 + 7, skip_agents=[2])
+        assert [t.task_id for t in claimed] == [a.task_id, c.task_id]
+        assert all(t.update_time == T0 + 7 for t in claimed)
+        assert store.get_task(a.task_id).update_time == T0 + 7  # type: ignore[union-attr]
+        assert store.history(a.task_id)[-1].time == T0 + 7
+        assert [t.task_id for t in store.claim_pending(NODE, 10)] == [b.task_id]
+        assert store.claim_pending(NODE, 10) == []
+        assert store.get_task(bare.task_id).status is TaskStatus.PENDING  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ phases (recovery)
+
+    def test_phases(self, store: TaskStore) -> None:
+        (task,) = create(store, [1], now=T0)
+        assert store.task_phase(task.task_id) == PHASE_QUEUED
+        assert store.record_phase(task.task_id, PHASE_INSTALLING, now=T0 + 1) is False
+        (claimed,) = store.claim_pending(NODE, 1, now=T0 + 2)
+        assert store.task_phase(task.task_id) == PHASE_TRANSFERRING
+        assert [t.task_id for t in store.interrupted_transfers(NODE)] == [task.task_id]
+        assert store.interrupted_transfers(OTHER) == []
+        assert store.record_phase(task.task_id, PHASE_INSTALLING, now=T0 + 3) is True
+        assert store.task_phase(task.task_id) == PHASE_INSTALLING
+        assert store.interrupted_transfers(NODE) == []
+        # a phase is not a status change: the task and its transitions are unchanged
+        assert store.get_task(task.task_id) == claimed
+        assert [c.to_status for c in store.history(task.task_id)] == [
+            TaskStatus.PENDING,
+            TaskStatus.IN_PROGRESS,
+        ]
+        assert store.set_task_status(task.task_id, OTHER, TaskStatus.DONE, now=T0 + 4)
+        assert store.task_phase(task.task_id) is None
+        assert store.record_phase(task.task_id, PHASE_INSTALLING) is False
+        assert store.task_phase(999_999) is None
+        assert store.record_phase(999_999, PHASE_INSTALLING) is False
+
+    def test_interrupted_transfers(self, store: TaskStore) -> None:
+        cut = task_in(store, 1, TaskStatus.IN_PROGRESS)
+        installing = task_in(store, 2, TaskStatus.IN_PROGRESS)
+        assert store.record_phase(installing.task_id, PHASE_INSTALLING)
+        (bare,) = store.create_tasks([3], NODE, MODULE, CMD, None, now=T0)  # record only
+        assert store.set_task_status(bare.task_id, NODE, TaskStatus.IN_PROGRESS)
+        task_in(store, 4, TaskStatus.IN_PROGRESS, node=OTHER)
+        task_in(store, 5, TaskStatus.TIMEOUT)
+        create(store, [6])
+        later = task_in(store, 7, TaskStatus.IN_PROGRESS)
+        got = store.interrupted_transfers(NODE)
+        assert [t.task_id for t in got] == [cut.task_id, later.task_id]
+        assert got[0] == cut
+
+    # ------------------------------------------------------------------ idle intake
 
     def test_create_if_idle(self, store: TaskStore) -> None:
         task_in(store, 1, TaskStatus.DONE)
@@ -578,6 +640,21 @@ class TaskStoreContract:
         store.upsert_agent(newer)
         assert store.get_agent(5) == newer
         assert len(store.list_agents()) == 2
+
+    def test_get_agents(self, store: TaskStore) -> None:
+        agents = [
+            AgentInfo(i, f"a{i}", "v4.8.0", node=NODE if i % 2 else OTHER) for i in range(1, 1202)
+        ]
+        for agent in agents[:3]:
+            store.upsert_agent(agent)
+        for agent in agents[3:]:
+            store.set_connection(agent.agent_id, "active", agent.node, T0)
+        wanted = [2, 1, 5000, 2, *range(600, 1202)]
+        got = store.get_agents(wanted)
+        assert sorted(got) == [1, 2, *range(600, 1202)]
+        assert got[1] == agents[0] and got[2] == agents[1]
+        assert got[700] == store.get_agent(700)
+        assert store.get_agents([]) == {}
 
     def test_set_connection(self, store: TaskStore) -> None:
         store.set_connection(7, "active", NODE, T0)
@@ -791,26 +868,30 @@ class StoreSpec:
         return store
 
 
-def _worker(spec: StoreSpec, action: str, agents: list[int], barrier: Any, out: Any) -> None:
+def _worker(
+    spec: StoreSpec, action: str, agents: list[int], barrier: Any, out: Any, node: str = NODE
+) -> None:
     store = spec.build()
     store.open()
     try:
         barrier.wait(timeout=60)
         if action == "intake":
-            created, busy = store.create_tasks_if_idle(agents, NODE, MODULE, CMD)
+            created, busy = store.create_tasks_if_idle(agents, node, MODULE, CMD)
             out.put(("ok", [(t.task_id, t.agent_id) for t in created], busy))
         else:
             claimed: list[int] = []
-            while batch := store.claim_pending(NODE, 4):
+            while batch := store.claim_pending(node, 4):
                 claimed.extend(t.task_id for t in batch)
-            out.put(("ok", claimed, []))
+            out.put(("ok", claimed, [node]))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         out.put(("error", repr(exc), []))
     finally:
         store.close()
 
 
-def _run_processes(spec: StoreSpec, action: str, agents: list[int], n: int) -> list[Any]:
+def _run_processes(
+    spec: StoreSpec, action: str, agents: list[int], n: int, nodes: tuple[str, ...] = (NODE,)
+) -> list[Any]:
     # A fork server forks clean children quickly after its first start (no inherited
     # connections, unlike "fork"); "spawn" where it does not exist.
     if "forkserver" in multiprocessing.get_all_start_methods():
@@ -821,7 +902,10 @@ def _run_processes(spec: StoreSpec, action: str, agents: list[int], n: int) -> l
     barrier = ctx.Barrier(n)
     out = ctx.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(spec, action, agents, barrier, out)) for _ in range(n)
+        ctx.Process(
+            target=_worker, args=(spec, action, agents, barrier, out, nodes[i % len(nodes)])
+        )
+        for i in range(n)
     ]
     for proc in procs:
         proc.start()
@@ -853,3 +937,23 @@ class CrossProcessContract:
         assert sorted(claimed) == sorted(t.task_id for t in tasks)
         assert store.pending_tasks(NODE) == []
         assert len(store.tasks_in_status(NODE, TaskStatus.IN_PROGRESS)) == len(tasks)
+
+    def test_processes_claim_per_node(self, store: TaskStore, store_spec: StoreSpec) -> None:
+        nodes = ("node01", "node02", "node03")
+        tasks = {
+            n: create(store, list(range(i * 100, i * 100 + 20)), node=n)
+            for i, n in enumerate(nodes)
+        }
+        results = _run_processes(
+            spec=store_spec, action="claim", agents=[], n=2 * len(nodes), nodes=nodes
+        )
+        for node in nodes:
+            claimed = [tid for _, got, where in results if where == [node] for tid in got]
+            assert sorted(claimed) == [t.task_id for t in tasks[node]]
+        assert store.tasks_in_status(None, TaskStatus.PENDING) == []
+        for task_list in tasks.values():
+            for task in task_list:
+                moves = [
+                    c for c in store.history(task.task_id) if c.to_status is TaskStatus.IN_PROGRESS
+                ]
+                assert len(moves) == 1 and moves[0].node == task.node
