@@ -80,7 +80,8 @@ def _int(params: dict[str, Any], name: str, minimum: int = 0) -> int | None:
     value = params.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value < 2**63:
+        # (the upper bound: no store takes a wider integer; hardening R1)
         raise AdminRequestError(f'"{name}" must be an integer >= {minimum}')
     return value
 

@@ -117,8 +117,12 @@ class Manager:
                     return
                 except (asyncio.IncompleteReadError, TimeoutError):
                     return
-                reply = await handler(raw)
-                await write_frame(writer, dumps(reply))
+                try:
+                    data = dumps(await handler(raw))
+                except Exception:  # a client always gets an answer (hardening R1)
+                    log.exception("%s: request could not be served", path.name)
+                    data = dumps({**oversized, "detail": "the request could not be served"})
+                await write_frame(writer, data)
             except (ConnectionError, OSError):
                 pass
             finally:

@@ -21,6 +21,7 @@ from .errors import UpgradeCode
 from .interfaces import AgentHub, AgentLink, TaskStore
 from .models import AgentInfo, now
 from .protocol import upgrade_error_reply
+from .untrusted import clip
 
 log = logging.getLogger(__name__)
 
@@ -171,15 +172,17 @@ class AgentRegistry(AgentHub):
         params = message.get("parameters") if isinstance(message, dict) else None
         if command != "upgrade_update_status" or not isinstance(params, dict):
             log.warning(
-                "agent %03d sent a refused command %r (only upgrade_update_status "
+                "agent %03d sent a refused command %s (only upgrade_update_status "
                 "about itself is accepted)",
                 agent_id,
-                command,
+                clip(command),
             )
             return upgrade_error_reply(UpgradeCode.TASK_CONFIGURATIONS)
         claimed = params.get("agents")
         if claimed is not None and claimed != [agent_id]:
-            log.warning("agent %03d tried to report for agents %r; refused", agent_id, claimed)
+            log.warning(
+                "agent %03d tried to report for agents %s; refused", agent_id, clip(claimed)
+            )
             return upgrade_error_reply(UpgradeCode.TASK_CONFIGURATIONS, "Agent id not recognized")
         if self.on_event is None:
             return upgrade_error_reply(UpgradeCode.TASK_MANAGER_COMMUNICATION)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import TaskCode, UpgradeCode, task_message, upgrade_message
+from .untrusted import clip, loads
 
 MAX_AGENT_ID = 2**31 - 1
 
@@ -70,8 +71,8 @@ class UpgradeRequest:
 
 
 def _loads(raw: bytes) -> Any:
-    text = raw.decode("utf-8")  # UnicodeDecodeError is a ValueError
-    return json.loads(text)
+    """Peer JSON: ``ValueError`` also for deep nesting, lone surrogates and NUL (untrusted.py)."""
+    return loads(raw)
 
 
 def _agent_ids(values: list[Any]) -> tuple[int, ...] | None:
@@ -149,7 +150,7 @@ def parse_upgrade_request(raw: bytes) -> UpgradeRequest:
         )
     if command not in UPGRADE_COMMANDS:
         raise RequestRejected(
-            upgrade_error_reply(UpgradeCode.TASK_CONFIGURATIONS), f"unknown command {command!r}"
+            upgrade_error_reply(UpgradeCode.TASK_CONFIGURATIONS), f"unknown command {clip(command)}"
         )
     origin = msg.get("origin")
     if origin is not None:
@@ -231,7 +232,7 @@ def parse_task_request(raw: bytes) -> TaskRequest:
     assert isinstance(origin, dict) and isinstance(params, dict) and isinstance(command, str)
     if command not in _TASK_REQUIRED:
         raise RequestRejected(
-            task_error_reply(TaskCode.INVALID_COMMAND), f"unknown command {command!r}"
+            task_error_reply(TaskCode.INVALID_COMMAND), f"unknown command {clip(command)}"
         )
     required = _TASK_REQUIRED[command]
     node = origin.get("name")

@@ -32,6 +32,7 @@ from .protocol import (
 )
 from .sources import SourceRegistry
 from .taskmanager import TaskManager
+from .untrusted import LogBudget, clip_text
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ class UpgradeService:
         per_agent: dict[int, TaskParams] = {}
         seen: set[int] = set()
         targets: dict[tuple[Any, ...], str | None] = {}
+        budget = LogBudget()  # one request naming 10,000 agents: 10 lines, not 10,000
         for agent_id in request.agents:
             agent = agents.get(agent_id)
             if agent_id in seen:
@@ -172,7 +174,7 @@ class UpgradeService:
             ]
             if found:
                 first = min(found, key=lambda r: r.order)
-                for r in found:
+                for r in found if budget.take() else ():
                     log.info(
                         "agent %03d refused: %s (%s)", agent_id, upgrade_message(r.code), r.detail
                     )
@@ -185,6 +187,8 @@ class UpgradeService:
                 )
             accepted.append(agent_id)
             per_agent[agent_id] = params
+        if budget.skipped:
+            log.info("%d more agents refused (not logged one by one)", budget.skipped)
         if not accepted:
             log.warning("There are no valid agents to upgrade.")
             return envelope(0, rejected, "Success")
@@ -223,13 +227,16 @@ class UpgradeService:
         error = params.get("error", 0)
         message = params.get("message", "")
         items = []
+        budget = LogBudget()
         for agent_id in agents:
-            log.info(
-                "Received upgrade notification from agent '%d'. Error code: '%s', message: '%s'",
-                agent_id,
-                error,
-                message,
-            )
+            if budget.take():
+                log.info(
+                    "Received upgrade notification from agent '%d'. Error code: '%s', "
+                    "message: '%s'",
+                    agent_id,
+                    clip_text(str(error)),
+                    clip_text(str(message)),
+                )
             if status is None:
                 items.append({"error": 3, "message": "No task in DB", "agent": agent_id})
                 continue
@@ -246,13 +253,15 @@ class UpgradeService:
                 self.config.node_name,
                 status,
                 error_msg,
-                f"agent report: error {error}: {message}",
+                f"agent report: error {error}: {clip_text(str(message))}",
             )
             if moved:
                 items.append({"error": 0, "message": "Success", "agent": agent_id})
             else:
                 items.append({"error": 3, "message": "No task in DB", "agent": agent_id})
             self._clear_agent_result(agent_id)
+        if budget.skipped:
+            log.info("%d more upgrade notifications (not logged one by one)", budget.skipped)
         return items
 
     def _clear_agent_result(self, agent_id: int) -> None:

@@ -167,6 +167,8 @@ def _classify(exc: BaseException) -> tuple[str, bool]:
         return f"connection refused: {exc}", False
     if isinstance(exc, ConnectionError):
         return f"connection lost: {exc}", True
+    if isinstance(exc, http.client.InvalidURL):  # a malformed URL never gets better
+        return f"invalid URL: {exc}", False
     if isinstance(exc, http.client.HTTPException):
         return f"bad HTTP response: {exc!r}", True
     if isinstance(exc, OSError):

@@ -31,7 +31,7 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
-from wpk_upgrade.errors import ConfigError, ProtocolError
+from wpk_upgrade.errors import ConfigError, ProtocolError, UpgradeCode
 from wpk_upgrade.framing import FrameTooLarge, encode
 from wpk_upgrade.interfaces import (
     AgentHub,
@@ -41,6 +41,8 @@ from wpk_upgrade.interfaces import (
     Transport,
 )
 from wpk_upgrade.models import AgentInfo
+from wpk_upgrade.protocol import upgrade_error_reply
+from wpk_upgrade.untrusted import clip
 
 from . import tls, wire
 
@@ -419,13 +421,17 @@ class TcpTransport(Transport):
             elif kind == "pong":
                 continue
             else:
-                log.warning("tcp: agent %03d sent an unknown message type %r", agent_id, kind)
+                log.warning("tcp: agent %03d sent an unknown message type %s", agent_id, clip(kind))
 
     async def _event(
         self, hub: AgentHub, conn: _Connection, agent_id: int, msg: dict[str, Any]
     ) -> None:
         message = msg.get("message")
-        reply = await hub.agent_event(agent_id, message if isinstance(message, dict) else {})
+        try:
+            reply = await hub.agent_event(agent_id, message if isinstance(message, dict) else {})
+        except Exception:  # an event always gets a coded reply, never a lost task exception
+            log.exception("tcp: agent %03d: event handler failed", agent_id)
+            reply = upgrade_error_reply(UpgradeCode.TASK_MANAGER_COMMUNICATION)
         with contextlib.suppress(ConnectionError, OSError):
             await conn.send({"type": "event_reply", "id": msg.get("id"), "reply": reply})
 

@@ -43,6 +43,7 @@ from typing import Any
 from wpk_upgrade.errors import ProtocolError
 from wpk_upgrade.framing import encode, read_frame
 from wpk_upgrade.models import AgentInfo
+from wpk_upgrade.untrusted import clip, loads
 
 HELLO_FIELDS = ("name", "version", "os_platform", "os_major", "os_minor", "os_arch")
 #: Features the transport itself provides (on top of those of the command handler).
@@ -62,7 +63,7 @@ async def receive(reader: asyncio.StreamReader, limit: int) -> dict[str, Any]:
     """Read one message; ``ProtocolError`` when it is not a JSON object with a type."""
     raw = await read_frame(reader, limit)
     try:
-        msg = json.loads(raw)
+        msg = loads(raw, nul=True)  # legacy payloads carry raw bytes, NUL included
     except ValueError as exc:
         raise ProtocolError(f"not JSON: {exc}") from None
     if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
@@ -132,7 +133,7 @@ def parse_hello(msg: dict[str, Any]) -> AgentInfo:
     agent = msg["agent"]
     agent_id = agent.get("id")
     if isinstance(agent_id, bool) or not isinstance(agent_id, int) or not 0 < agent_id < 2**31:
-        raise ProtocolError(f"invalid agent id {agent_id!r}")
+        raise ProtocolError(f"invalid agent id {clip(agent_id)}")
     values: dict[str, Any] = {}
     for name in HELLO_FIELDS:
         value = agent.get(name)

@@ -1,0 +1,257 @@
+"""Regression tests for the faults the hardening measurements found (one test per kind).
+
+* deep JSON nesting raised ``RecursionError`` out of the socket handlers (no reply, asyncio
+  "Unhandled exception") on the manager sockets and the tcp transport;
+* lone surrogates (``\\ud800``) and NUL reached the store and file-system calls (tracebacks,
+  "Database error", an event task dying without its reply);
+* peer-supplied text was logged whole (a 1 MiB line per message) and one request naming
+  10,000 agents logged 10,000 lines;
+* an exception escaping a socket handler left the client without an answer;
+* the HTTP source retried a malformed URL for 30 s (``InvalidURL`` taken as transient);
+* admin integers beyond 64 bits crashed the store query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hardlib import HEADER, exchange, frame, parse_reply
+
+from wpk_upgrade.agent.commands import CommandHandler
+from wpk_upgrade.agent.config import AgentConfigSchema
+from wpk_upgrade.agent.result import UpgradeGate
+from wpk_upgrade.config import load_data
+from wpk_upgrade.errors import UpgradeCode, UpgradeError
+from wpk_upgrade.testing.harness import ManagerHarness
+from wpk_upgrade.untrusted import LogBudget, clip, clip_text, loads
+
+DEEP = b"[" * 60000
+NUL = json.dumps({"origin": {"module": "api", "name": "a\x00"}, "command": "upgrade_result"})
+
+
+# --------------------------------------------------------------------------- untrusted.loads
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (DEEP, "nested deeper"),
+        (b'{"a":' * 5000 + b"1" + b"}" * 5000, "nested deeper"),
+        (b"[" * 65 + b"]" * 65, "nested deeper"),
+        (b'"\\ud800"', "surrogate"),
+        (b'{"\\udfff": 1}', "surrogate"),
+        (b'["a\\u0000b"]', "NUL"),
+        (b"\xff", "utf-8"),
+    ],
+)
+def test_loads_refuses_what_nothing_downstream_can_take(raw: bytes, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        loads(raw)
+
+
+def test_loads_accepts_normal_input_and_nul_when_asked() -> None:
+    assert loads(b"[" * 64 + b"]" * 64) is not None
+    assert loads(b'"\\ud83d\\ude00"') == "\U0001f600"  # a surrogate pair is one character
+    assert loads(b'"a\\u0000"', nul=True) == "a\x00"  # legacy payloads carry raw bytes
+
+
+def test_clip_and_budget() -> None:
+    assert clip("x" * 10) == repr("x" * 10)
+    assert len(clip("x" * 1_000_000)) < 200 and "1000002 characters" in clip("x" * 1_000_000)
+    assert len(clip_text("y" * 100_000)) < 500
+    budget = LogBudget(3)
+    assert [budget.take() for _ in range(5)] == [True, True, True, False, False]
+    assert budget.skipped == 2
+
+
+# --------------------------------------------------------------------------- manager sockets
+
+
+def _send(path: Path, payload: bytes) -> Any:
+    return parse_reply(exchange(path, frame(payload)))
+
+
+def test_manager_sockets_answer_hostile_json_with_coded_errors(
+    harness: ManagerHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    cases = [
+        DEEP,
+        b'{"command":"upgrade","parameters":{"agents":' + b"[" * 60000,
+        json.dumps(
+            {"command": "upgrade", "parameters": {"agents": [1], "version": "\ud800"}}
+        ).encode(),
+        NUL.encode(),
+    ]
+    for which, path in (
+        ("upgrade", harness.config.upgrade_socket),
+        ("task", harness.config.task_socket),
+    ):
+        for payload in cases:
+            reply = _send(path, payload)
+            assert reply["error"] == 1 and reply["data"][0]["error"] == 1, (which, reply)
+    text = caplog.text
+    assert "Unhandled exception" not in text and "Traceback" not in text
+    assert "RecursionError" not in text and "UnicodeEncodeError" not in text
+
+
+def test_a_failing_handler_still_answers(
+    harness: ManagerHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(raw: bytes) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("wpk_upgrade.service.parse_upgrade_request", broken)
+    reply = _send(harness.config.upgrade_socket, b"{}")
+    assert reply["error"] == 1 and reply["detail"] == "the request could not be served"
+
+
+def test_one_request_naming_many_agents_logs_a_few_lines(
+    harness: ManagerHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    agents = list(range(1, 5001))
+    for message in (
+        {"command": "upgrade", "parameters": {"agents": agents}},
+        {"command": "upgrade_update_status", "parameters": {"agents": agents, "status": "Done"}},
+    ):
+        caplog.clear()
+        reply = harness.upgrade(message)
+        assert len(reply["data"]) == 5000
+        lines = [r for r in caplog.records if r.name == "wpk_upgrade.service"]
+        assert len(lines) <= 15, len(lines)
+        assert "4990 more" in caplog.text
+
+
+def test_admin_integers_beyond_64_bits_are_refused(
+    harness: ManagerHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    for params in ({"task_id": 2**70}, {"limit": 10**30}):
+        command = "task_history" if "task_id" in params else "tasks_list"
+        reply = harness.task({"command": command, "parameters": params})
+        assert reply["error"] != 0 or reply["data"] == [], reply
+    assert "Traceback" not in caplog.text and "OverflowError" not in caplog.text
+
+
+# --------------------------------------------------------------------------- transport
+
+
+def _read_frame(sock: socket.socket) -> Any:
+    head = b""
+    while len(head) < 4:
+        chunk = sock.recv(4 - len(head))
+        if not chunk:
+            return None
+        head += chunk
+    (size,) = HEADER.unpack(head)
+    body = b""
+    while len(body) < size:
+        chunk = sock.recv(size - len(body))
+        if not chunk:
+            return None
+        body += chunk
+    return json.loads(body)
+
+
+def _connect(harness: ManagerHarness, agent_id: int = 40) -> socket.socket:
+    host, port = harness.transport_address.split(":")
+    sock = socket.create_connection((host, int(port)), 10)
+    sock.settimeout(10)
+    hello = {"type": "hello", "agent": {"id": agent_id, "name": "r"}, "features": []}
+    sock.sendall(frame(json.dumps(hello).encode()))
+    assert _read_frame(sock) == {"type": "welcome"}
+    return sock
+
+
+def test_transport_refuses_deep_and_surrogate_frames_without_crashing(
+    harness: ManagerHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    host, port = harness.transport_address.split(":")
+    with socket.create_connection((host, int(port)), 10) as sock:
+        sock.settimeout(10)
+        sock.sendall(frame(DEEP))
+        answer = _read_frame(sock)
+        assert answer is not None and answer["type"] == "refused"
+    with _connect(harness) as sock:
+        event = {"type": "event", "id": 1, "message": {"command": "upgrade_update_status"}}
+        raw = json.dumps(event).encode().replace(b"upgrade_update_status", b"\\ud800")
+        sock.sendall(frame(raw))
+        assert _read_frame(sock) is None  # the whole frame is refused: connection closed
+    with _connect(harness) as sock:
+        sock.sendall(frame(b'{"type":"event","id":2,"message":' + b"[" * 60000))
+        assert _read_frame(sock) is None
+    assert "Unhandled exception" not in caplog.text
+    assert "Task exception was never retrieved" not in caplog.text
+
+
+def test_transport_event_failure_still_gets_a_reply_and_logs_are_clipped(
+    harness: ManagerHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    assert harness.manager is not None
+
+    async def broken(agent_id: int, message: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    with _connect(harness) as sock:
+        # peer text is clipped in the log
+        huge = {"type": "event", "id": 1, "message": {"command": "x" * 500_000}}
+        sock.sendall(frame(json.dumps(huge).encode()))
+        reply = _read_frame(sock)
+        assert reply["type"] == "event_reply" and reply["reply"]["error"] == 3
+        sock.sendall(frame(json.dumps({"type": "y" * 500_000}).encode()))
+        sock.sendall(frame(b'{"type":"ping"}'))
+        assert _read_frame(sock) == {"type": "pong"}
+        harness.manager.hub.agent_event = broken  # type: ignore[method-assign]
+        sock.sendall(frame(b'{"type":"event","id":5,"message":{}}'))
+        reply = _read_frame(sock)
+        assert reply["id"] == 5
+        assert reply["reply"]["error"] == UpgradeCode.TASK_MANAGER_COMMUNICATION
+    assert max(len(r.getMessage()) for r in caplog.records) < 2000
+
+
+# --------------------------------------------------------------------------- agent
+
+
+def test_agent_refuses_surrogates_and_clips_its_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = load_data({"home": str(tmp_path), "agent": {"id": 5}}, AgentConfigSchema(), "test")
+    for directory in config.layout_dirs():
+        directory.mkdir(parents=True, exist_ok=True)
+    handler = CommandHandler(config, UpgradeGate(True))
+
+    async def ask(payload: str) -> dict[str, Any]:
+        return json.loads(await handler.handle("upgrade", payload))
+
+    async def main() -> None:
+        reply = await ask('{"command":"open","parameters":{"mode":"wb","file":"\\ud800"}}')
+        assert reply["error"] == 2
+        reply = await ask(json.dumps({"command": "z" * 60000, "parameters": {}}))
+        assert reply["error"] == 2
+        reply = await ask(json.dumps({"command": "sha1", "parameters": {"file": "a" * 50000}}))
+        assert reply["error"] in (5, 12)
+
+    caplog.set_level(logging.INFO)
+    asyncio.run(main())
+    assert "Traceback" not in caplog.text
+    assert max(len(r.getMessage()) for r in caplog.records) < 2000
+
+
+# --------------------------------------------------------------------------- http source
+
+
+def test_http_source_gives_up_at_once_on_a_malformed_url() -> None:
+    from wpk_source_http.source import HttpRepositorySource
+
+    started = time.monotonic()
+    with pytest.raises(UpgradeError, match="invalid URL"):
+        HttpRepositorySource().read_text("https://bad\x01host/versions", 1000)
+    assert time.monotonic() - started < 2
