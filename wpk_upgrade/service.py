@@ -106,6 +106,20 @@ class UpgradeService:
             package_type=p.get("package_type"),
         )
 
+    def _installer_problem(self, params: TaskParams) -> str | None:
+        """Why an ``upgrade_custom`` installer is refused (the custom source's rule: a plain
+        file name of the package, no path, no ``..``), or None."""
+        if params.command != "upgrade_custom" or params.installer is None:
+            return None
+        check = getattr(self.sources.custom(), "validate_installer", None)
+        if check is None:
+            return None
+        try:
+            check(params.installer)
+        except ValueError as exc:
+            return clip_text(str(exc))
+        return None
+
     async def _default_target(self, agent: AgentInfo, params: TaskParams) -> str | None:
         """Decision D1: the newest version in the repository for the agent's platform;
         else the configured ``manager_version``."""
@@ -138,6 +152,10 @@ class UpgradeService:
 
     async def create(self, request: UpgradeRequest) -> dict[str, Any]:
         base_params = self._params(request)
+        problem = self._installer_problem(base_params)
+        if problem is not None:
+            log.warning("upgrade socket: refused upgrade_custom: %s", problem)
+            return upgrade_error_reply(UpgradeCode.TASK_CONFIGURATIONS, problem)
         agents = await asyncio.to_thread(
             lambda: {a: self.store.get_agent(a) for a in set(request.agents)}
         )
