@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,7 @@ class LogWatch(logging.Handler):
         self.bytes = 0
         self.biggest = 0
         self.crashes: list[str] = []
+        self.messages: list[str] = []  # every message, clipped to 300 characters
         self.lock_ = threading.Lock()
         self._old_level: int | None = None
 
@@ -137,6 +138,7 @@ class LogWatch(logging.Handler):
         with self.lock_:
             self.lines += 1
             self.bytes += len(text)
+            self.messages.append(text[:300])
             self.biggest = max(self.biggest, len(text))
             if record.exc_info or any(t in text for t in self.CRASH_TEXTS):
                 exc = record.exc_info[1] if record.exc_info else None
@@ -162,12 +164,6 @@ class LogWatch(logging.Handler):
         root.removeHandler(self)
         if self._old_level is not None:
             root.setLevel(self._old_level)
-
-
-@contextlib.contextmanager
-def quiet_loggers(*names: str) -> Iterator[None]:
-    """Keep chatty loggers from pytest's capture while a big run goes (records still count)."""
-    yield
 
 
 # --------------------------------------------------------------------------- raw clients
@@ -348,7 +344,7 @@ class Lab:
         return cls(root, ca, signer)
 
     def tls_pair(self, common_name: str, usage: str) -> pki.CertFiles:
-        san = ["127.0.0.1", "localhost"] if usage == "server" else None
+        san = ["127.0.0.1", "localhost"] if usage == "server" else []
         return pki.issue_certificate(
             self.ca.cert,
             self.ca.key,
@@ -395,6 +391,7 @@ class AgentProc:
         tls: dict[str, str] | None = None,
         result_wait: float = 0.2,
         extra_upgrade: str = "",
+        reconnect_max: float = 0.3,
     ) -> None:
         self.home = home
         self.agent_id = agent_id
@@ -404,7 +401,7 @@ class AgentProc:
         options = {
             "address": address,
             "reconnect_min": 0.05,
-            "reconnect_max": 0.3,
+            "reconnect_max": reconnect_max,
             "heartbeat": 2.0,
         }
         if tls is not None:

@@ -255,3 +255,37 @@ def test_http_source_gives_up_at_once_on_a_malformed_url() -> None:
     with pytest.raises(UpgradeError, match="invalid URL"):
         HttpRepositorySource().read_text("https://bad\x01host/versions", 1000)
     assert time.monotonic() - started < 2
+
+
+# --------------------------------------------------------------------------- installer names
+
+
+@pytest.mark.parametrize("installer", ["../x", "/bin/sh", "a/../../x.sh", "..\\x", "-rf"])
+def test_upgrade_custom_installer_must_be_a_plain_name(
+    harness: ManagerHarness, tmp_path: Path, installer: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It was forwarded to the agent (which refused it only after the whole transfer)."""
+    from wpk_upgrade.models import AgentInfo
+    from wpk_upgrade.testing.harness import ScriptedAgent, json_agent
+
+    package = tmp_path / "p.wpk"
+    package.write_bytes(b"not even a WPK")
+    info = AgentInfo(
+        agent_id=90,
+        version="v4.8.0",
+        os_platform="ubuntu",
+        os_major="22",
+        os_minor="04",
+        os_arch="x86_64",
+    )
+    with ScriptedAgent(harness, info, json_agent()) as agent:
+        reply = harness.upgrade(
+            {
+                "command": "upgrade_custom",
+                "parameters": {"agents": [90], "file_path": str(package), "installer": installer},
+            }
+        )
+        assert reply["error"] == 3 and "installer" in reply["data"][0]["message"], reply
+        assert harness.result([90])[0]["error"] != 0  # no task was created
+        assert agent.received == []
+    assert "refused upgrade_custom" in caplog.text
