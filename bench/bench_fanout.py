@@ -634,7 +634,8 @@ def describe(label: str, f: dict[str, Any]) -> str:
         )
     return (
         f"{label} memory: manager peak RSS {f['manager_vmhwm_mb']:.0f} MB (goal <= "
-        f"{GOAL_RSS_MB:.0f}) [{who}, {f['max_threads']} transfers in flight, "
+        f"{GOAL_RSS_MB:.0f}) [{who}, up to {min(f['max_threads'], f['agents'])} transfers "
+        f"in flight (max_threads), "
         f"{f['wpk_bytes'] / 1e6:.1f} MB WPK; idle connected {f['manager_rss_idle_mb']:.0f} MB; "
         f"push {f['push_seconds']:.1f} s]"
     )
