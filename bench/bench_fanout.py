@@ -296,6 +296,15 @@ def _wait(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> N
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by ``pid`` (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_status(pid: int) -> dict[str, int]:
     """``VmHWM`` and ``VmRSS`` of ``pid`` in bytes."""
     out: dict[str, int] = {}
@@ -310,8 +319,15 @@ class Fleet:
     """A manager process with ``agents`` connected agents (``real`` of them processes)."""
 
     def __init__(
-        self, root: Path, agents: int, real: int, swarms: int, max_threads: int = 256
+        self,
+        root: Path,
+        agents: int,
+        real: int,
+        swarms: int,
+        max_threads: int = 256,
+        upgrade: dict[str, Any] | None = None,
     ) -> None:
+        self.upgrade = upgrade or {}
         self.root = root
         self.agents = agents
         self.real = min(real, agents)
@@ -385,7 +401,8 @@ class Fleet:
         config.write_text(
             f'home = {json.dumps(str(home))}\nnode_name = "node01"\n'
             f"[upgrade]\nmax_threads = {self.max_threads}\ncommand_timeout = 120.0\n"
-            '[task_manager]\nsweep_interval = 5\ntask_timeout = "30m"\n'
+            + "".join(f"{k} = {v}\n" for k, v in self.upgrade.items())
+            + '[task_manager]\nsweep_interval = 5\ntask_timeout = "30m"\n'
             f'[transport]\nname = "tcp"\noptions = {{ {rendered} }}\n'
         )
         self.upgrade_socket = home / "queue" / "tasks" / "upgrade"
@@ -485,6 +502,8 @@ class Fleet:
     def push(self, package: Path, size: int, timeout: float = 600) -> dict[str, Any]:
         """``upgrade_custom`` to every agent; seconds until every byte was acknowledged."""
         pending = list(self.ids)
+        assert self.manager is not None
+        cpu0 = cpu_seconds(self.manager.pid), sum(cpu_seconds(p.pid) for p in self.procs)
         started = time.perf_counter()
         deadline = time.monotonic() + 60
         while pending:
@@ -526,7 +545,13 @@ class Fleet:
             time.sleep(0.2)
         else:
             raise TimeoutError("the push did not finish in time")
-        return {"seconds": time.perf_counter() - started, "rss_peak_sampled": peak}
+        seconds = time.perf_counter() - started
+        return {
+            "seconds": seconds,
+            "rss_peak_sampled": peak,
+            "manager_cpu_seconds": cpu_seconds(self.manager.pid) - cpu0[0],
+            "agents_cpu_seconds": sum(cpu_seconds(p.pid) for p in self.procs) - cpu0[1],
+        }
 
     def stop(self) -> None:
         for proc in [*self.procs, *([self.manager] if self.manager else [])]:
@@ -568,6 +593,7 @@ def run(
     swarms: int = 2,
     wpk_mb: float = 1.0,
     max_threads: int = 256,
+    upgrade: dict[str, Any] | None = None,
     baseline: bool = True,
     label: str = "P1",
     quiet: bool = False,
@@ -577,7 +603,7 @@ def run(
     with tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp:
         root = Path(tmp)
         package, size = _make_wpk(root, int(wpk_mb * 1_000_000))
-        fleet = Fleet(root, agents, real, swarms, max_threads)
+        fleet = Fleet(root, agents, real, swarms, max_threads, upgrade)
         try:
             connect_seconds = fleet.start()
             assert fleet.manager is not None
@@ -597,6 +623,9 @@ def run(
         "simulated": agents - fleet.real,
         "swarm_processes": fleet.swarms,
         "max_threads": max_threads,
+        "upgrade_settings": upgrade or {},
+        "manager_cpu_seconds": pushed["manager_cpu_seconds"],
+        "agents_cpu_seconds": pushed["agents_cpu_seconds"],
         "wpk_bytes": size,
         "connect_seconds": connect_seconds,
         "push_seconds": pushed["seconds"],
@@ -630,7 +659,8 @@ def describe(label: str, f: dict[str, Any]) -> str:
             f"{label} fan-out: goodput/raw TLS {f['ratio']:.2f} (goal >= {GOAL_RATIO}) "
             f"[{who}, {f['wpk_bytes'] / 1e6:.1f} MB WPK, max_threads {f['max_threads']}: "
             f"{f['goodput_mb_per_s']:.1f} MB/s in {f['push_seconds']:.1f} s vs raw TLS "
-            f"{f['baseline_mb_per_s']:.1f} MB/s; connect {f['connect_seconds']:.1f} s]"
+            f"{f['baseline_mb_per_s']:.1f} MB/s; CPU s manager {f['manager_cpu_seconds']:.1f}, "
+            f"agents {f['agents_cpu_seconds']:.1f}; connect {f['connect_seconds']:.1f} s]"
         )
     return (
         f"{label} memory: manager peak RSS {f['manager_vmhwm_mb']:.0f} MB (goal <= "
@@ -658,13 +688,23 @@ def main() -> None:
     parser.add_argument("--real", type=int, default=20)
     parser.add_argument("--wpk-mb", type=float, default=1.0)
     parser.add_argument("--max-threads", type=int, default=256)
+    parser.add_argument("--chunk-size", type=int)
+    parser.add_argument("--window", type=int)
     args = parser.parse_args()
+    upgrade = {k: v for k, v in (("chunk_size", args.chunk_size), ("window", args.window)) if v}
     if args.mode == "swarm":
         asyncio.run(_swarm(args))
     elif args.mode == "sink":
         asyncio.run(_sink(args))
     else:
-        run(args.agents, real=args.real, wpk_mb=args.wpk_mb, max_threads=args.max_threads)
+        figures = run(
+            args.agents,
+            real=args.real,
+            wpk_mb=args.wpk_mb,
+            max_threads=args.max_threads,
+            upgrade=upgrade,
+        )
+        print(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":
