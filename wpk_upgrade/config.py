@@ -122,11 +122,21 @@ class UpgradeSection:
 
 @dataclass(frozen=True)
 class TaskManagerSection:
+    """``[task_manager]``: timeouts, cleanup and history retention (seconds), restart policy.
+
+    ``on_restart``: ``resume`` (queued tasks resumed, cut transfers pushed again) or
+    ``cancel`` (the reference: queued tasks Cancelled, In progress ones left to report or
+    time out). ``poll_interval``: how often the dispatcher claims its node's Pending tasks
+    created by other nodes (float seconds).
+    """
+
     task_timeout: int = 900
     cleanup_time: int = 604800
     pending_timeout: int | None = None
     on_restart: str = "resume"
     sweep_interval: int = 60
+    history_retention: int = 90 * 86400
+    poll_interval: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -226,6 +236,8 @@ class _TaskManagerSchema(Schema):
     pending_timeout = Duration(load_default=None, allow_none=True)
     on_restart = fields.String(load_default="resume", validate=validate.OneOf(["resume", "cancel"]))
     sweep_interval = Duration(load_default=60)
+    history_retention = Duration(load_default=None, allow_none=True)
+    poll_interval = fields.Float(load_default=2.0, validate=validate.Range(0.05, 3600))
 
     @validates_schema
     def check(self, data: dict[str, Any], **_: Any) -> None:
@@ -234,9 +246,17 @@ class _TaskManagerSchema(Schema):
                 "Too short cleanup_time at module 'task-manager' (must be >= task_timeout)",
                 "cleanup_time",
             )
+        retention = data.get("history_retention")
+        if retention is not None and retention < data.get("cleanup_time", 604800):
+            raise ValidationError(
+                "history_retention must be >= cleanup_time (history outlives its tasks)",
+                "history_retention",
+            )
 
     @post_load
     def make(self, data: dict[str, Any], **_: Any) -> TaskManagerSection:
+        if data.get("history_retention") is None:  # default: 90 days, at least cleanup_time
+            data["history_retention"] = max(90 * 86400, data["cleanup_time"])
         return TaskManagerSection(**data)
 
 

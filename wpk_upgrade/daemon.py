@@ -28,7 +28,6 @@ from .framing import FrameTooLarge, discard, read_frame, write_frame
 from .hub import AgentRegistry
 from .interfaces import TaskStore, Transport
 from .logging_setup import EventLogPlugin, configure_manager_logging
-from .models import TaskStatus
 from .plugin_manager import make_plugin_manager
 from .protocol import (
     RequestRejected,
@@ -184,16 +183,28 @@ class Manager:
             self.web.append(await start_api(self))
 
     async def _recover(self) -> None:
-        """Pending tasks of this node: cancelled (reference) or resumed (default)."""
+        """What the previous run of this node left (reference §8.5; ``on_restart``).
+
+        Tasks past their timeout time out first (never pushed again). ``cancel`` (the
+        reference): this node's Pending tasks become Cancelled; In progress ones are left to
+        the agent's report or their timeout. ``resume`` (default): Pending tasks are run
+        again (the dispatcher claims them); In progress ones whose push was cut before the
+        installer phase are pushed again, oldest first; those whose installer may have
+        started wait for the agent's report or their timeout.
+        """
         node = self.config.node_name
+        await self.tasks.sweep_once()
         if self.config.task_manager.on_restart == "cancel":
             count = await self.tasks.cancel_node_pending(node)
             if count:
                 log.info("cancelled %d queued tasks left by the previous run", count)
             return
-        pending = await asyncio.to_thread(self.store.tasks_in_status, node, TaskStatus.PENDING)
-        for task in sorted(pending, key=lambda t: t.task_id):
-            self.dispatcher.submit(task.task_id)
+        cut = await asyncio.to_thread(self.store.interrupted_transfers, node)
+        for task in cut:
+            self.dispatcher.resume(task.task_id)
+        if cut:
+            log.info("pushing again %d tasks whose transfer the previous run cut", len(cut))
+        pending = await asyncio.to_thread(self.store.pending_tasks, node, 0)
         if pending:
             log.info("resuming %d queued tasks left by the previous run", len(pending))
 

@@ -1,18 +1,28 @@
-"""The dispatcher: runs queued upgrade tasks with at most ``max_threads`` at once.
+"""The dispatcher: runs this node's upgrade tasks with at most ``max_threads`` at once.
 
 Each task: Pending -> In progress (same node), resolve the WPK through its source and the
 cache, push it to the agent, then leave it In progress until the agent reports (or Legacy for
 an explicit target below v4.1.0). Any failure ends the task Failed with the reference text in
 ``error_msg`` and our precise reason in the history (reference §1.2 step 4).
+
+Where work comes from: the local intake queues the tasks it created for this node; a poller
+claims (``TaskStore.claim_pending``, atomic across nodes) this node's Pending tasks that
+another node's intake created, or that a previous run left, whenever slots are idle; restart
+recovery queues In progress tasks whose push was cut (``resume``). Just before the
+``upgrade`` command the task's installer phase is recorded, so a restart never pushes a task
+whose installer may have started: that one waits for its report or its timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import itertools
 import logging
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pluggy
 
@@ -21,7 +31,7 @@ from .cache import WpkCache
 from .config import ManagerConfig
 from .errors import UpgradeCode, UpgradeError, WpkUpgradeError
 from .hub import AgentRegistry
-from .interfaces import TaskStore, WpkQuery, WpkSource
+from .interfaces import PHASE_INSTALLING, TaskStore, WpkQuery, WpkSource
 from .layout import V4_9
 from .models import AgentInfo, Task, TaskParams, TaskStatus, WpkRef
 from .plugin_manager import notify
@@ -36,8 +46,17 @@ PROGRESS_INTERVAL = 1.0
 V4_8 = "v4.8.0"
 
 
+class Job(NamedTuple):
+    """A queued task: Pending (moved to In progress when it starts) or ``claimed`` (already
+    In progress on this node: claimed by the poller, or resumed after a restart)."""
+
+    task_id: int
+    claimed: bool = False
+
+
 class Dispatcher:
-    """Queue of task ids and the bounded pool that runs them."""
+    """Queue of jobs, the poller that claims this node's other Pending tasks, and the
+    bounded pool that runs them."""
 
     def __init__(
         self,
@@ -56,7 +75,11 @@ class Dispatcher:
         self.cache = cache
         self.hub = hub
         self.pm = pm
-        self.queue: asyncio.Queue[int] = asyncio.Queue()
+        # Jobs already In progress (claimed, resumed) go before Pending ones: their timeout
+        # runs. Entries are (priority, sequence, job): FIFO within a priority.
+        self.queue: asyncio.PriorityQueue[tuple[int, int, Job]] = asyncio.PriorityQueue()
+        self._sequence = itertools.count()
+        self._poll_now = asyncio.Event()
         self.slots = asyncio.Semaphore(config.upgrade.max_threads)
         self.running: set[asyncio.Task[None]] = set()
         self.running_aux: set[asyncio.Task[None]] = set()
@@ -76,12 +99,51 @@ class Dispatcher:
         )
 
     def submit(self, task_id: int) -> None:
-        """Queue a task (its status must be Pending)."""
-        self.queue.put_nowait(task_id)
+        """Queue a Pending task of this node."""
+        self._put(Job(task_id))
+
+    def resume(self, task_id: int) -> None:
+        """Queue an In progress task of this node whose push was cut (restart recovery):
+        it is pushed again without the Pending -> In progress step."""
+        self._put(Job(task_id, claimed=True))
+
+    def _put(self, job: Job) -> None:
+        self.queue.put_nowait((0 if job.claimed else 1, next(self._sequence), job))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume the queue until ``stop``; each task runs in its own asyncio task."""
         self._stop = stop
+        poller = asyncio.create_task(self._poll(stop))
+        try:
+            await self._consume(stop)
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+
+    async def _poll(self, stop: asyncio.Event) -> None:
+        """Claim this node's Pending tasks nobody queued here (created by another node's
+        intake, or left by a previous run) whenever the queue is empty and slots are idle;
+        every ``poll_interval`` seconds, and at once when a slot frees."""
+        interval = self.config.task_manager.poll_interval
+        node = self.config.node_name
+        while not stop.is_set():
+            self._poll_now.clear()
+            free = self.config.upgrade.max_threads - len(self.running)
+            if free > 0 and self.queue.empty():
+                # Agents still being pushed to (a timed-out or cancelled task's push) keep
+                # their new task In queue, so its timeout does not start (D7).
+                busy = [agent for agent, lock in self._pushing.items() if lock.locked()]
+                try:
+                    for task in await self.tasks.claim(node, free, busy):
+                        self._put(Job(task.task_id, claimed=True))
+                except Exception as exc:  # noqa: BLE001 - the store may be down: retry later
+                    log.warning("dispatcher: cannot claim pending tasks: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._poll_now.wait()
+
+    async def _consume(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             getter = asyncio.ensure_future(self.queue.get())
             stopper = asyncio.ensure_future(stop.wait())
@@ -91,9 +153,9 @@ class Dispatcher:
                 stopper.cancel()
                 break
             stopper.cancel()
-            task_id = getter.result()
+            _, _, item = getter.result()
             await self.slots.acquire()
-            job = asyncio.create_task(self._guarded(task_id))
+            job = asyncio.create_task(self._guarded(item))
             self.running.add(job)
             job.add_done_callback(self.running.discard)
         for job in list(self.running):
@@ -103,38 +165,50 @@ class Dispatcher:
         if self._writes:  # progress records still being written: the store closes next
             await asyncio.wait(set(self._writes))
 
-    async def _guarded(self, task_id: int) -> None:
+    async def _guarded(self, job: Job) -> None:
         try:
-            await self.run_task(task_id)
+            await self.run_task(job.task_id, job.claimed)
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("task %d: unexpected failure", task_id)
+            log.exception("task %d: unexpected failure", job.task_id)
         finally:
             self.slots.release()
+            self._poll_now.set()
 
-    async def run_task(self, task_id: int) -> None:
-        """Run one task from Pending to its outcome."""
+    async def run_task(self, task_id: int, claimed: bool = False) -> None:
+        """Run one task to its outcome: a Pending one, or (``claimed``) one already In
+        progress on this node."""
         task = await asyncio.to_thread(self.store.get_task, task_id)
-        if task is None or task.status is not TaskStatus.PENDING:
+        wanted = TaskStatus.IN_PROGRESS if claimed else TaskStatus.PENDING
+        if task is None or task.status is not wanted:
+            return
+        if claimed and task.node != self.config.node_name:
             return
         # One push at a time per agent: a task that timed out (or was cancelled) may still be
         # pushing when a new task of the same agent starts (the agent has one open file). The
         # new one stays In queue meanwhile, so its timeout does not run (D7).
         async with self._pushing.setdefault(task.agent_id, asyncio.Lock()):
-            await self._run_task(task)
+            await self._run_task(task, claimed)
 
-    async def _run_task(self, task: Task) -> None:
+    async def _run_task(self, task: Task, claimed: bool = False) -> None:
         task_id = task.task_id
         params = await asyncio.to_thread(self.store.task_params, task_id) or TaskParams(
             command=task.command
         )
-        if not await self.tasks.set_status(
-            task, TaskStatus.IN_PROGRESS, self.config.node_name, reason="dispatched"
-        ):
-            log.info("task %d (agent %03d) no longer pending; skipped", task_id, task.agent_id)
-            return
-        task = await asyncio.to_thread(self.store.get_task, task_id) or task
+        if claimed:
+            fresh = await asyncio.to_thread(self.store.get_task, task_id)
+            if fresh is None or fresh.status is not TaskStatus.IN_PROGRESS:
+                log.info("task %d (agent %03d) no longer running; skipped", task_id, task.agent_id)
+                return
+            task = fresh
+        else:
+            if not await self.tasks.set_status(
+                task, TaskStatus.IN_PROGRESS, self.config.node_name, reason="dispatched"
+            ):
+                log.info("task %d (agent %03d) no longer pending; skipped", task_id, task.agent_id)
+                return
+            task = await asyncio.to_thread(self.store.get_task, task_id) or task
         try:
             agent = await asyncio.to_thread(self.store.get_agent, task.agent_id)
             if agent is None:
@@ -160,8 +234,8 @@ class Dispatcher:
             await pusher.push(wpk)
         except UpgradeError as exc:
             if self._stopping():
-                # Our own shutdown broke the agent connection: like the reference, a restart
-                # leaves an In progress task alone (the agent may still report, or it times out).
+                # Our own shutdown broke the agent connection: the task stays In progress;
+                # the next start pushes it again unless its installer phase was recorded.
                 log.info(
                     "task %d (agent %03d) interrupted by shutdown: %s", task_id, task.agent_id, exc
                 )
@@ -194,8 +268,9 @@ class Dispatcher:
         return self._stop is not None and self._stop.is_set()
 
     async def _still_running(self, task_id: int) -> bool:
-        task = await asyncio.to_thread(self.store.get_task, task_id)
-        return task is not None and task.status is TaskStatus.IN_PROGRESS
+        """Just before the ``upgrade`` command: True while the task is In progress, and then
+        its installer phase is recorded (atomically), so a restart will not push it again."""
+        return await asyncio.to_thread(self.store.record_phase, task_id, PHASE_INSTALLING)
 
     def _progress_recorder(self, task: Task):  # type: ignore[no-untyped-def]
         """``record(sent, total)``: acknowledged bytes, written at most once per

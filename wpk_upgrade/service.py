@@ -156,9 +156,7 @@ class UpgradeService:
         if problem is not None:
             log.warning("upgrade socket: refused upgrade_custom: %s", problem)
             return upgrade_error_reply(UpgradeCode.TASK_CONFIGURATIONS, problem)
-        agents = await asyncio.to_thread(
-            lambda: {a: self.store.get_agent(a) for a in set(request.agents)}
-        )
+        agents = await asyncio.to_thread(self.store.get_agents, list(request.agents))
         rejected: list[dict[str, Any]] = []
         accepted: list[int] = []
         per_agent: dict[int, TaskParams] = {}
@@ -213,14 +211,15 @@ class UpgradeService:
         created = []
         busy: list[int] = []
         async with self._intake:
-            # Agents sharing the same parameters are created in one atomic batch.
-            groups: dict[TaskParams, list[int]] = {}
+            # A task belongs to the node its agent is connected to: that node pushes it
+            # (it claims it from the shared store). Agents sharing the same parameters and
+            # node are created in one atomic batch.
+            groups: dict[tuple[TaskParams, str], list[int]] = {}
             for agent_id in accepted:
-                groups.setdefault(per_agent[agent_id], []).append(agent_id)
-            for params, ids in groups.items():
-                made, taken = await self.tasks.create_if_idle(
-                    ids, self.config.node_name, params.command, params
-                )
+                key = (per_agent[agent_id], self._node_of(agent_id, agents.get(agent_id)))
+                groups.setdefault(key, []).append(agent_id)
+            for (params, node), ids in groups.items():
+                made, taken = await self.tasks.create_if_idle(ids, node, params.command, params)
                 created.extend(made)
                 busy.extend(taken)
         for agent_id in busy:
@@ -232,8 +231,18 @@ class UpgradeService:
             for t in created
         ]
         for task in created:
-            self.dispatcher.submit(task.task_id)
+            if task.node == self.config.node_name:
+                self.dispatcher.submit(task.task_id)
         return envelope(0, data, "Success")
+
+    def _node_of(self, agent_id: int, agent: AgentInfo | None) -> str:
+        """The node that runs an agent's task: the one it is connected to (a live link here
+        wins over a store row not yet rewritten), else this one."""
+        if self.hub.link(agent_id) is not None:
+            return self.config.node_name
+        if agent is not None and agent.node and agent.connection_status == "active":
+            return agent.node
+        return self.config.node_name
 
     # ------------------------------------------------------------------ agent reports
 

@@ -102,6 +102,21 @@ class TaskManager:
             )
         return created, busy
 
+    async def claim(self, node: str, limit: int, skip_agents: Sequence[int] = ()) -> list[Task]:
+        """Claim up to ``limit`` Pending tasks of ``node`` (atomic across nodes: each task is
+        claimed once); they are In progress when returned. Fires the status hook."""
+        claimed = await self._db(self.store.claim_pending, node, limit, None, skip_agents)
+        for task in claimed:
+            notify(
+                self.pm,
+                "wpk_after_task_status_changed",
+                task=task,
+                old_status=TaskStatus.PENDING,
+                new_status=TaskStatus.IN_PROGRESS,
+                reason="claimed",
+            )
+        return claimed
+
     async def set_status(
         self,
         task: Task,
@@ -209,13 +224,15 @@ class TaskManager:
         ok = task_message(TaskCode.SUCCESS)
         if req.command in ("upgrade", "upgrade_custom"):
             assert req.node is not None and req.module is not None
+            # Record only, as the reference's task manager: stored without parameters, so
+            # no dispatcher claims it (the caller runs it and reports its status).
             tasks = await self._db(
                 self.store.create_tasks,
                 list(req.agents),
                 req.node,
                 req.module,
                 req.command,
-                TaskParams(command=req.command),
+                None,
             )
             for task in tasks:
                 notify(
@@ -291,13 +308,20 @@ class TaskManager:
     # ------------------------------------------------------------------ sweep
 
     async def sweep_once(self, when: int | None = None) -> int:
-        """Time out expired tasks; returns the next deadline (epoch seconds)."""
+        """Time out expired tasks; returns the next deadline (epoch seconds).
+
+        In progress: ``update_time + task_timeout <= when`` (D7: the clock starts when the
+        task became Updating). Pending, when ``pending_timeout`` is set:
+        ``create_time + pending_timeout <= when``.
+        """
         when = now() if when is None else when
+        timeout = self.settings.task_timeout
         running = await self._db(self.store.tasks_in_status, None, TaskStatus.IN_PROGRESS)
-        count, deadline = await self._db(self.store.expire, when, self.settings.task_timeout)
+        due = [t for t in running if (t.update_time or t.create_time) + timeout <= when]
+        count, deadline = await self._db(self.store.expire, when, timeout)
         if count:
             log.info("task manager: %d tasks timed out", count)
-            for task in running:
+            for task in due:
                 fresh = await self._db(self.store.get_task, task.task_id)
                 if fresh is not None and fresh.status is TaskStatus.TIMEOUT:
                     notify(
@@ -316,18 +340,29 @@ class TaskManager:
                     )
         return deadline
 
+    async def cleanup_once(self, when: int | None = None) -> tuple[int, int]:
+        """The daily cleanup: final tasks created ``cleanup_time`` ago or earlier are deleted
+        (reference ``delete_old``); their history is kept ``history_retention``. Returns
+        (tasks deleted, history rows deleted)."""
+        when = now() if when is None else when
+        tasks = await self._db(self.store.delete_old, when - self.settings.cleanup_time)
+        rows = await self._db(
+            self.store.delete_history_before, when - self.settings.history_retention
+        )
+        if tasks or rows:
+            log.info("task manager: deleted %d old tasks and %d old history rows", tasks, rows)
+        return tasks, rows
+
     async def run_sweeper(self, stop: asyncio.Event) -> None:
         """Timeout sweep at each deadline (at most ``sweep_interval`` apart) and a daily
-        cleanup of tasks older than ``cleanup_time``."""
+        ``cleanup_once``."""
         last_cleanup = 0
         while not stop.is_set():
             try:
                 deadline = await self.sweep_once()
                 t = now()
                 if t - last_cleanup >= 86400:
-                    deleted = await self._db(self.store.delete_old, t - self.settings.cleanup_time)
-                    if deleted:
-                        log.info("task manager: deleted %d old tasks", deleted)
+                    await self.cleanup_once(t)
                     last_cleanup = t
                 wait = max(0.5, min(float(self.settings.sweep_interval), deadline - now()))
             except Exception:
