@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -51,6 +52,7 @@ PLATFORM = {"os_platform": "ubuntu", "os_major": "22", "os_minor": "04", "os_arc
 FINAL = {"Updated", "Error", "Cancelled", "Timeout", "Legacy"}
 FIRST_ID = 1001
 HERE = Path(__file__).resolve()
+INSTALLER_STARTED = re.compile(rb"installer started on agent (\d+)")
 
 
 # --------------------------------------------------------------------------- certificates
@@ -326,8 +328,10 @@ class Fleet:
         swarms: int,
         max_threads: int = 256,
         upgrade: dict[str, Any] | None = None,
+        ssl_buffer: int | None = None,
     ) -> None:
         self.upgrade = upgrade or {}
+        self.ssl_buffer = ssl_buffer
         self.root = root
         self.agents = agents
         self.real = min(real, agents)
@@ -408,7 +412,7 @@ class Fleet:
         self.upgrade_socket = home / "queue" / "tasks" / "upgrade"
         self.task_socket = home / "queue" / "tasks" / "task"
         self.manager = self._spawn(
-            [sys.executable, "-m", "wpk_upgrade.cli", "manager", "--config", str(config)],
+            [*self._manager_command(), "manager", "--config", str(config)],
             home / "manager.log",
         )
         _wait(
@@ -455,6 +459,18 @@ class Fleet:
         self.swarm_homes = [root / f"swarm{n}" for n in range(len(chunks))]
         _wait(lambda: self.connected() >= self.agents, 600, "the agents to connect", 0.5)
         return time.monotonic() - started
+
+    def _manager_command(self) -> list[str]:
+        """The manager's command line; with ``ssl_buffer``, asyncio's per-connection TLS read
+        buffer (``SSLProtocol.max_size``, 256 KiB) is set first (an experiment for P5)."""
+        if self.ssl_buffer is None:
+            return [sys.executable, "-m", "wpk_upgrade.cli"]
+        code = (
+            "import sys, asyncio.sslproto as s; "
+            f"s.SSLProtocol.max_size = {int(self.ssl_buffer)}; "
+            "from wpk_upgrade.cli import main; sys.argv[0] = 'wpk-upgrade'; main()"
+        )
+        return [sys.executable, "-c", code]
 
     def _start_agent(self, agent_id: int, tls_opts: dict[str, str]) -> subprocess.Popen[bytes]:
         home = self.root / "agents" / str(agent_id)
@@ -531,16 +547,31 @@ class Fleet:
         }
         peak = 0
         end = time.monotonic() + timeout
-        items: list[dict[str, Any]] = []
+        log = self.root / "manager" / "manager.log"
+        log_offset = 0
+        started_installer: set[int] = set()
+        stale = 0
         while time.monotonic() < end:
             items = _request(self.task_socket, query)["data"]
             assert self.manager is not None
             peak = max(peak, proc_status(self.manager.pid)["VmRSS"])
-            done = sum((i.get("progress") or {}).get("sent") == size for i in items)
+            full = {i["agent"] for i in items if (i.get("progress") or {}).get("sent") == size}
             errors = [i for i in items if i.get("status") in FINAL - {"Updated"}]
             if errors:
                 raise RuntimeError(f"{len(errors)} tasks failed: {errors[:2]}")
-            if done == len(self.ids):
+            if len(full) < len(self.ids):
+                # A task's stored progress can lag behind its last acknowledged write; the
+                # manager logs "installer started on agent N" once the WPK was delivered and
+                # its SHA1 checked, which also counts as delivered.
+                with log.open("rb") as fh:
+                    fh.seek(log_offset)
+                    chunk = fh.read()
+                cut = chunk.rfind(b"\n") + 1
+                log_offset += cut
+                for match in INSTALLER_STARTED.finditer(chunk[:cut]):
+                    started_installer.add(int(match.group(1)))
+            if len(full | started_installer) == len(self.ids):
+                stale = len(set(self.ids) - full)
                 break
             time.sleep(0.2)
         else:
@@ -549,6 +580,7 @@ class Fleet:
         return {
             "seconds": seconds,
             "rss_peak_sampled": peak,
+            "stale_progress_tasks": stale,
             "manager_cpu_seconds": cpu_seconds(self.manager.pid) - cpu0[0],
             "agents_cpu_seconds": sum(cpu_seconds(p.pid) for p in self.procs) - cpu0[1],
         }
@@ -594,6 +626,7 @@ def run(
     wpk_mb: float = 1.0,
     max_threads: int = 256,
     upgrade: dict[str, Any] | None = None,
+    ssl_buffer: int | None = None,
     baseline: bool = True,
     label: str = "P1",
     quiet: bool = False,
@@ -603,7 +636,7 @@ def run(
     with tempfile.TemporaryDirectory(prefix="bench-fanout-") as tmp:
         root = Path(tmp)
         package, size = _make_wpk(root, int(wpk_mb * 1_000_000))
-        fleet = Fleet(root, agents, real, swarms, max_threads, upgrade)
+        fleet = Fleet(root, agents, real, swarms, max_threads, upgrade, ssl_buffer)
         try:
             connect_seconds = fleet.start()
             assert fleet.manager is not None
@@ -624,7 +657,9 @@ def run(
         "swarm_processes": fleet.swarms,
         "max_threads": max_threads,
         "upgrade_settings": upgrade or {},
+        "manager_ssl_read_buffer": ssl_buffer,
         "manager_cpu_seconds": pushed["manager_cpu_seconds"],
+        "stale_progress_tasks": pushed["stale_progress_tasks"],
         "agents_cpu_seconds": pushed["agents_cpu_seconds"],
         "wpk_bytes": size,
         "connect_seconds": connect_seconds,
@@ -690,6 +725,8 @@ def main() -> None:
     parser.add_argument("--max-threads", type=int, default=256)
     parser.add_argument("--chunk-size", type=int)
     parser.add_argument("--window", type=int)
+    parser.add_argument("--ssl-buffer", type=int, help="manager's asyncio TLS read buffer")
+    parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
     upgrade = {k: v for k, v in (("chunk_size", args.chunk_size), ("window", args.window)) if v}
     if args.mode == "swarm":
@@ -703,6 +740,9 @@ def main() -> None:
             wpk_mb=args.wpk_mb,
             max_threads=args.max_threads,
             upgrade=upgrade,
+            ssl_buffer=args.ssl_buffer,
+            baseline=not args.no_baseline,
+            label="P1" if not args.no_baseline else "P5",
         )
         print(json.dumps(figures, indent=2))
 
