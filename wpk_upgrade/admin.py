@@ -282,7 +282,7 @@ class Admin:
                     agent_id=agent.agent_id,
                 )
                 source = self.sources.for_url(base)
-                latest = await asyncio.to_thread(source.latest_version, query)
+                latest = await self.sources.call(source.latest_version, query)
                 if latest:
                     return latest
             except WpkUpgradeError as exc:

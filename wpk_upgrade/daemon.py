@@ -222,6 +222,7 @@ class Manager:
         for path in (self.config.upgrade_socket, self.config.task_socket):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        self.sources.close()
         await asyncio.to_thread(self.store.close)
         with contextlib.suppress(FileNotFoundError):
             (self.config.home / "var" / "run" / "manager.pid").unlink()

@@ -321,7 +321,7 @@ class Dispatcher:
             if not params.file_path:
                 raise UpgradeError(UpgradeCode.WPK_FILE_DOES_NOT_EXIST, "no file_path")
             source = self.sources.custom()
-            candidate = await asyncio.to_thread(source.resolve_path, params.file_path)  # type: ignore[attr-defined]
+            candidate = await self.sources.call(source.resolve_path, params.file_path)  # type: ignore[attr-defined]
             installer = params.installer or layout.default_installer(platform)
             return WpkRef(
                 path=str(Path(params.file_path)),
@@ -356,9 +356,10 @@ class Dispatcher:
         source = self.sources.for_url(base)
         if not target:
             # D1: the repository could not tell the latest version at request time.
-            await asyncio.to_thread(self._no_target, source, query)
-        candidate = await asyncio.to_thread(source.resolve, query)
-        ref = await asyncio.to_thread(self.cache.obtain, source, candidate)
+            await self.sources.call(self._no_target, source, query)
+        # on the sources' own threads: a slow repository never starves the store (R6)
+        candidate = await self.sources.call(source.resolve, query)
+        ref = await self.sources.call(self.cache.obtain, source, candidate)
         return WpkRef(
             path=ref.path,
             file_name=ref.file_name,
