@@ -218,12 +218,12 @@ RUNNERS: dict[str, Callable[[dict[str, Any]], tuple[dict[str, Any], str]]] = {
 }
 
 
-def growth(opts: dict[str, Any], sizes: list[int]) -> dict[str, Any]:
+def growth(opts: dict[str, Any], sizes: list[int], what: str = "P1,P3P4") -> dict[str, Any]:
     """P1 (connect, push of a small WPK, manager memory) and P3/P4 at each N in ``sizes``."""
     fanout = _module("bench_fanout")
     store = _module("bench_store")
     out: dict[str, Any] = {"P1": {}, "P3P4": {}}
-    for n in sizes:
+    for n in sizes if "P1" in what else []:
         f = fanout.run(n, real=0, wpk_mb=0.1, baseline=False, label=f"N={n}", quiet=True)
         out["P1"][n] = f
         print(
@@ -234,7 +234,7 @@ def growth(opts: dict[str, Any], sizes: list[int]) -> dict[str, Any]:
             flush=True,
         )
     dialects = tuple(d.strip() for d in opts["dialects"].split(",") if d.strip())
-    for n in sizes:
+    for n in sizes if "P3P4" in what else []:
         s = store.run(
             dialects,
             tasks=opts["tasks"],
@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dialects", help="P3/P4 databases (default sqlite,postgresql)")
     parser.add_argument("--repeat", type=int, help="P3/P4/P6 repetitions (default 3)")
     parser.add_argument("--growth", help="also grow P1/P3/P4 over these N, e.g. 100,1000,10000")
+    parser.add_argument("--growth-of", default="P1,P3P4", help="P1, P3P4 or both")
     parser.add_argument("--output", default=str(HERE / "results.json"))
     args = parser.parse_args(argv)
 
@@ -312,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
     if args.growth:
         sizes = [int(n) for n in args.growth.split(",") if n.strip()]
-        results["growth"] = growth(opts, sizes)
+        results["growth"] = growth(opts, sizes, args.growth_of.upper())
     results["elapsed_seconds"] = time.monotonic() - started
     Path(args.output).write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"total {results['elapsed_seconds']:.0f} s; figures in {args.output}")
