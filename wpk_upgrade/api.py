@@ -50,7 +50,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import PluginError, upgrade_message
+from .errors import PluginError, UpgradeCode, upgrade_message
 
 try:
     from aiohttp import web
@@ -337,6 +337,19 @@ class UpgradeApi:
             reply = await self.manager.service.handle_raw(dumps(message))
             if reply.get("error"):
                 code = int(reply["error"])
+                if code == UpgradeCode.PARSING_ERROR:
+                    raise BadRequest(
+                        "a parameter holds a character the upgrade module refuses "
+                        "(NUL or an unpaired surrogate)"
+                    )
+                if code in (
+                    UpgradeCode.PARSING_REQUIRED_PARAMETER,
+                    UpgradeCode.TASK_CONFIGURATIONS,
+                ):
+                    # a parameter the module refuses (e.g. an installer with a path): the
+                    # client's fault, answered 400 with the module's precise text
+                    data = reply.get("data") or [{}]
+                    raise BadRequest(str(data[0].get("message") or upgrade_message(code)))
                 raise RuntimeError(f"upgrade module error {code}: {upgrade_message(code)}")
             for item in reply["data"]:
                 code = int(item.get("error", 0))
