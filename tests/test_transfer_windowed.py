@@ -92,6 +92,8 @@ class LiveAgent:
         base = {"address": address, "reconnect_min": 0.05, "reconnect_max": 0.5, "heartbeat": 2.0}
         self.transport = TcpTransport(TcpOptions(**{**base, **(options or {})}))
         self.received: list[tuple[str, str]] = []
+        self.events: list[tuple[str, float]] = []
+        self.answered: list[tuple[str, str]] = []
         self.concurrent = 0
         self.max_concurrent = 0
         self.write_delay = write_delay
@@ -105,6 +107,7 @@ class LiveAgent:
 
     async def handle(self, target: str, payload: str) -> str:
         self.received.append((target, payload))
+        self.events.append((command_of(target, payload), time.monotonic()))
         self.concurrent += 1
         self.max_concurrent = max(self.max_concurrent, self.concurrent)
         try:
@@ -115,7 +118,9 @@ class LiveAgent:
                 if self.block_from is not None and offset >= self.block_from:
                     while not self.release.is_set():
                         await asyncio.sleep(0.01)
-            return await self.handler.handle(target, payload)
+            reply = await self.handler.handle(target, payload)
+            self.answered.append((command_of(target, payload), reply))
+            return reply
         finally:
             self.concurrent -= 1
 
@@ -150,6 +155,10 @@ class LiveAgent:
 
     def commands(self) -> list[str]:
         return [command_of(t, p) for t, p in list(self.received)]
+
+    def installed(self) -> bool:
+        """True once the ``upgrade`` command has been answered (verified, installer run)."""
+        return any(command == "upgrade" for command, _ in list(self.answered))
 
     def writes(self) -> list[dict[str, Any]]:
         return [params_of(p) for t, p in list(self.received) if command_of(t, p) == "write"]
@@ -206,7 +215,7 @@ def test_windowed_push_to_the_real_handler(
         wait_connected(h, 7)
         custom(h, [7], file_path=str(package.path), installer="upgrade.sh")
         wait_status(h, [7], ["Updating"])
-        h.wait_for(lambda: "upgrade" in agent.commands())
+        h.wait_for(agent.installed)
         h.wait_for(lambda: h.result([7])[0].get("progress", {}).get("sent") == package.size)
         commands = agent.commands()
         assert commands[:2] == ["lock_restart", "open"]
@@ -243,7 +252,7 @@ def test_reference_mode_keeps_the_reference_exchange(
         wait_connected(h, 8)
         custom(h, [8], file_path=str(package.path), installer="upgrade.sh")
         wait_status(h, [8], ["Updating"])
-        h.wait_for(lambda: "upgrade" in agent.commands())
+        h.wait_for(agent.installed)
         commands = agent.commands()
         writes = commands.count("write")
         assert writes == -(-package.size // 4096)
@@ -265,7 +274,7 @@ def test_legacy_agent_keeps_the_legacy_exchange(
         wait_connected(h, 9)
         custom(h, [9], file_path=str(package.path), installer="upgrade.sh")
         wait_status(h, [9], ["Updating"])
-        h.wait_for(lambda: "upgrade" in agent.commands())
+        h.wait_for(agent.installed)
         assert {t for t, _ in agent.received} == {"com"}
         commands = agent.commands()
         assert commands[:2] == ["lock_restart", "open"]
@@ -323,7 +332,7 @@ def test_a_resumed_copy_that_does_not_match_is_sent_again(
         wait_connected(h, 11)
         custom(h, [11], file_path=str(package.path), installer="upgrade.sh")
         wait_status(h, [11], ["Updating"])
-        h.wait_for(lambda: "upgrade" in agent.commands())
+        h.wait_for(agent.installed)
         opens = [params_of(p)["mode"] for t, p in agent.received if command_of(t, p) == "open"]
         assert opens == ["resume", "wb", "resume"]
         offsets = [w["offset"] for w in agent.writes()]

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -298,9 +299,19 @@ class Dispatcher:
             latest.clear()
             write_progress(sent, total)
 
+        order = [0, 0]  # writes issued, newest write done (they run in worker threads)
+        lock = threading.Lock()
+
+        def store_progress(number: int, sent: int, total: int) -> None:
+            with lock:
+                if number > order[1]:  # an older value never overwrites a newer one
+                    order[1] = number
+                    self.store.set_progress(task.task_id, sent, total)
+
         def write_progress(sent: int, total: int) -> None:
             last[0] = time.monotonic()
-            write = loop.run_in_executor(None, self.store.set_progress, task.task_id, sent, total)
+            order[0] += 1
+            write = loop.run_in_executor(None, store_progress, order[0], sent, total)
             self._writes.add(write)
             write.add_done_callback(self._writes.discard)
             notify(

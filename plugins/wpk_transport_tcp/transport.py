@@ -138,6 +138,9 @@ class _Connection:
         self.waiting: dict[int, asyncio.Future[Any]] = {}
         self.write_lock = asyncio.Lock()
         self.closed = False
+        #: silence after which the peer is taken for dead: three heartbeats (the longer of
+        #: ours and, on the manager, the one the agent announced)
+        self.idle_timeout = options.heartbeat * 3
 
     async def send(self, message: dict[str, Any], attachment: bytes | None = None) -> None:
         """One message (and the raw frame announced by its ``bin``, written together)."""
@@ -171,7 +174,7 @@ class _Connection:
 
     async def receive(self) -> dict[str, Any]:
         """The next message; a request announcing ``bin`` gets its buffer spliced back."""
-        async with asyncio.timeout(self.options.heartbeat * 3):
+        async with asyncio.timeout(self.idle_timeout):
             msg = await wire.receive(self.reader, self.options.max_frame)
             if msg["type"] == "request" and "bin" in msg:
                 raw = await wire.receive_attachment(self.reader, self.options.max_frame)
@@ -380,6 +383,7 @@ class TcpTransport(Transport):
                     await conn.send({"type": "refused", "reason": reason})
                 return
             link = TcpAgentLink(info.agent_id, conn, wire.parse_features(msg))
+            conn.idle_timeout = 3 * max(self.options.heartbeat, wire.parse_heartbeat(msg))
             await conn.send({"type": "welcome"})
             await hub.agent_connected(info, link)
             await self._manager_loop(hub, conn, link)
@@ -520,7 +524,7 @@ class TcpTransport(Transport):
         on_connected: Callable[[ManagerChannel], Awaitable[None]],
         stop: asyncio.Event,
     ) -> None:
-        await conn.send(wire.hello(identity(), features))
+        await conn.send(wire.hello(identity(), features, self.options.heartbeat))
         async with asyncio.timeout(self.options.hello_timeout):
             answer = await wire.receive(conn.reader, self.options.max_frame)
         if answer["type"] != "welcome":

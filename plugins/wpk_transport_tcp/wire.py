@@ -8,7 +8,9 @@ type           direction    fields
 =============  ===========  ===========================================================
 hello          agent → mgr  ``agent``: id, name, version, os_platform, os_major, os_minor,
                             os_arch (announced at every connection); ``features``: the
-                            protocol extensions the agent understands (see below)
+                            protocol extensions the agent understands (see below);
+                            ``heartbeat``: its ping interval (the manager waits three
+                            of the longer of its own and this before dropping it)
 welcome        mgr → agent  (nothing else)
 refused        mgr → agent  ``reason``
 request        mgr → agent  ``id``, ``target`` (``upgrade`` or ``com``), ``payload`` (the
@@ -52,6 +54,7 @@ TRANSPORT_FEATURES = ("bin",)
 BIN_MIN = 2048
 _BUFFER_KEY = '"buffer":"'
 MAX_FEATURES = 32
+MAX_HEARTBEAT = 3600.0
 
 
 def pack(message: dict[str, Any]) -> bytes:
@@ -71,12 +74,25 @@ async def receive(reader: asyncio.StreamReader, limit: int) -> dict[str, Any]:
     return msg
 
 
-def hello(info: AgentInfo, features: tuple[str, ...] = ()) -> dict[str, Any]:
+def hello(
+    info: AgentInfo, features: tuple[str, ...] = (), heartbeat: float | None = None
+) -> dict[str, Any]:
     """The agent's announcement."""
     agent: dict[str, Any] = {"id": info.agent_id}
     for name in HELLO_FIELDS:
         agent[name] = getattr(info, name)
-    return {"type": "hello", "agent": agent, "features": sorted(set(features))}
+    msg: dict[str, Any] = {"type": "hello", "agent": agent, "features": sorted(set(features))}
+    if heartbeat is not None:
+        msg["heartbeat"] = heartbeat
+    return msg
+
+
+def parse_heartbeat(msg: dict[str, Any]) -> float:
+    """The ping interval a hello announces (0 when absent), bounded to an hour."""
+    value = msg.get("heartbeat")
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        return 0.0
+    return float(min(max(value, 0.0), MAX_HEARTBEAT))
 
 
 def parse_features(msg: dict[str, Any]) -> frozenset[str]:
