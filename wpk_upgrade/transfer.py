@@ -87,6 +87,8 @@ class TransferStats:
     resumed_at: list[int] = field(default_factory=list)
     reconnects: int = 0
     seconds: float = 0.0
+    #: from the first ``write`` sent to the last one answered (all attempts added up)
+    data_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,7 @@ class WpkPusher:
         stats.seconds = time.monotonic() - started
         log.info(
             "%sagent %03d: %s transfer of %s done: %d bytes, %d bytes sent, resumed at %s, "
-            "%d reconnections, %.2f s",
+            "%d reconnections, %.2f s (writes %.2f s)",
             self.where,
             self.link.agent_id,
             stats.mode,
@@ -264,6 +266,7 @@ class WpkPusher:
             stats.resumed_at or "-",
             stats.reconnects,
             stats.seconds,
+            stats.data_seconds,
         )
         return await self._install(wpk)
 
@@ -301,6 +304,7 @@ class WpkPusher:
         with open(wpk.path, "rb") as fh:
             total = os.fstat(fh.fileno()).st_size
             self.stats.total = total
+            started = time.monotonic()
             while chunk := fh.read(self.settings.chunk_size):
                 if self.json:
                     reply = await self._send(
@@ -326,6 +330,7 @@ class WpkPusher:
                     )
                 sent += len(chunk)
                 self._report(sent, total)
+            self.stats.data_seconds += time.monotonic() - started
 
         reply = await self._command(
             UpgradeCode.SEND_CLOSE_ERROR, "close", f"close {name}", file=name
@@ -498,6 +503,7 @@ class WpkPusher:
         done_chunks: dict[int, int] = {}
         acked = start
         next_offset = start
+        started = time.monotonic()
         try:
             while next_offset < total or inflight:
                 while next_offset < total and len(inflight) < window:
@@ -546,6 +552,7 @@ class WpkPusher:
                 if acked != before:
                     self._report(acked, total)
         finally:
+            self.stats.data_seconds += time.monotonic() - started
             for task in inflight:
                 task.cancel()
             if inflight:
