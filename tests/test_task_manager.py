@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,16 @@ from wpk_store_sql import SqlTaskStore
 from wpk_upgrade.config import ManagerConfigSchema, TaskManagerSection, load_data
 from wpk_upgrade.errors import ConfigError
 from wpk_upgrade.interfaces import TaskFilter
-from wpk_upgrade.models import TRANSITIONS, NodeRule, TaskParams, TaskStatus, now
+from wpk_upgrade.models import (
+    TRANSITIONS,
+    NodeRule,
+    TaskParams,
+    TaskStatus,
+    format_time,
+    now,
+)
 from wpk_upgrade.plugin_manager import make_plugin_manager
-from wpk_upgrade.taskmanager import TaskManager
+from wpk_upgrade.taskmanager import TaskManager, reply_time
 from wpk_upgrade.testing.harness import ManagerHarness
 
 NODE = "node01"
@@ -228,6 +236,16 @@ def test_running_manager_cleans_up_at_start(
     assert h.store.get_task(ancient.task_id) is None
     assert len(h.store.history(old.task_id)) == 2  # within the 90 days of retention
     assert h.store.get_task(fresh.task_id) is not None
+
+
+def test_reply_time_is_format_time() -> None:
+    """The cached formatter of ``upgrade_result`` items says what ``models.format_time``
+    says (D2), for every kind of date."""
+    rng = random.Random(7)
+    samples = [0, None, 1, 59, 86399, 951782400, 4102444799, T0]
+    samples += [rng.randrange(1, 4_102_444_800) for _ in range(2000)]
+    for epoch in samples:
+        assert reply_time(epoch) == format_time(epoch), epoch
 
 
 # --------------------------------------------------------------------------- configuration

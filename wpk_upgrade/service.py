@@ -10,6 +10,7 @@ cleared. ``upgrade_result``: the task manager's items.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any
 
@@ -157,11 +158,19 @@ class UpgradeService:
             log.warning("upgrade socket: refused upgrade_custom: %s", problem)
             return upgrade_error_reply(UpgradeCode.TASK_CONFIGURATIONS, problem)
         agents = await asyncio.to_thread(self.store.get_agents, list(request.agents))
+        for agent_id, agent in agents.items():
+            if agent.connection_status != "active" and self.hub.link(agent_id) is not None:
+                # connected here a moment ago: the store row is still being rewritten
+                agents[agent_id] = dataclasses.replace(
+                    agent, connection_status="active", node=self.config.node_name
+                )
         rejected: list[dict[str, Any]] = []
         accepted: list[int] = []
         per_agent: dict[int, TaskParams] = {}
         seen: set[int] = set()
         targets: dict[tuple[Any, ...], str | None] = {}
+        by_target: dict[str | None, TaskParams] = {}
+        contexts: dict[str | None, ValidationContext] = {}
         budget = LogBudget()  # one request naming 10,000 agents: 10 lines, not 10,000
         for agent_id in request.agents:
             agent = agents.get(agent_id)
@@ -176,11 +185,13 @@ class UpgradeService:
                 if key not in targets:
                     targets[key] = await self._default_target(agent, params)
                 target = targets[key]
-            context = ValidationContext(
-                node=self.config.node_name,
-                manager_version=self.config.manager_version,
-                target_version=target,
-            )
+            context = contexts.get(target)
+            if context is None:
+                context = contexts[target] = ValidationContext(
+                    node=self.config.node_name,
+                    manager_version=self.config.manager_version,
+                    target_version=target,
+                )
             found: list[Rejection] = [
                 r
                 for r in self.pm.hook.wpk_validate_agent(
@@ -197,10 +208,13 @@ class UpgradeService:
                 rejected.append(_item(UpgradeCode(first.code), agent_id))
                 continue
             if params.command == "upgrade":
-                legacy = bool(params.version) and _below(params.version, LEGACY_TARGET_BELOW)
-                params = TaskParams(
-                    **{**params.__dict__, "version": target, "legacy_target": legacy}
-                )
+                # one TaskParams per target, not per agent (10,000 agents, a few targets)
+                if target not in by_target:
+                    legacy = bool(params.version) and _below(params.version, LEGACY_TARGET_BELOW)
+                    by_target[target] = TaskParams(
+                        **{**params.__dict__, "version": target, "legacy_target": legacy}
+                    )
+                params = by_target[target]
             accepted.append(agent_id)
             per_agent[agent_id] = params
         if budget.skipped:

@@ -8,7 +8,9 @@ socket (``queue/tasks/task``) reaches them through ``handle``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -22,7 +24,6 @@ from .models import (
     Task,
     TaskParams,
     TaskStatus,
-    format_time,
     now,
 )
 from .plugin_manager import notify
@@ -33,6 +34,16 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 UPGRADE_MODULE = "upgrade_module"
+
+
+@functools.lru_cache(maxsize=8192)
+def reply_time(epoch: int | None) -> str:
+    """``models.format_time`` (D2: UTC ``YYYY/MM/DD hh:mm:ss``, ``"0"`` when unset) from
+    ``time.gmtime`` (several times faster than ``datetime``), cached: tasks of one request
+    share their seconds; formatting was the slowest part of a 1,000-agent result."""
+    if not epoch:
+        return "0"
+    return time.strftime("%Y/%m/%d %H:%M:%S", time.gmtime(epoch))
 
 
 def result_item(agent_id: int, task: Task | None) -> dict[str, Any]:
@@ -51,8 +62,8 @@ def result_item(agent_id: int, task: Task | None) -> dict[str, Any]:
         "command": task.command,
         "agent": agent_id,
         "task_id": task.task_id,
-        "create_time": format_time(task.create_time),
-        "update_time": format_time(task.update_time),
+        "create_time": reply_time(task.create_time),
+        "update_time": reply_time(task.update_time),
         "status": task.status.display,
     }
     error_msg = task.error_msg or task.status.sentence

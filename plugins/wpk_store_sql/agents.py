@@ -6,6 +6,7 @@ connection status, the node it is connected to and when it was last seen.
 
 from __future__ import annotations
 
+from collections import namedtuple
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -17,6 +18,9 @@ from .urls import MYSQL, DbTarget
 R = TypeVar("R")
 
 _CHUNK = 500  # ids per IN (...) list
+#: An ``agents`` row read without the ORM (``get_agents``), attribute names as the model's.
+_AgentTuple = namedtuple("_AgentTuple", ["agent_id", *AGENT_COLUMNS])  # type: ignore[misc]
+_AGENT_SELECT = ", ".join(_AgentTuple._fields)
 
 
 class AgentRegistryMixin:
@@ -57,13 +61,14 @@ class AgentRegistryMixin:
             return {}
 
         def op(m: StoreModels) -> dict[int, AgentInfo]:
-            a = m.agent
+            db = m.agent._meta.database
             found: dict[int, AgentInfo] = {}
             for start in range(0, len(wanted), _CHUNK):
                 chunk = wanted[start : start + _CHUNK]
-                found.update(
-                    (int(r.agent_id), to_agent(r)) for r in a.select().where(a.agent_id.in_(chunk))
-                )
+                marks = ", ".join([db.param] * len(chunk))
+                sql = f"SELECT {_AGENT_SELECT} FROM agents WHERE agent_id IN ({marks})"
+                rows = (_AgentTuple(*r) for r in db.execute_sql(sql, chunk).fetchall())
+                found.update((int(r.agent_id), to_agent(r)) for r in rows)
             return found
 
         return self._run("get agents", op, write=False)

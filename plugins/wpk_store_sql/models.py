@@ -97,6 +97,15 @@ def build_models(db: pw.Database) -> StoreModels:
     return StoreModels(TaskRow, HistoryRow, AgentRow, AgentLockRow, MetadataRow)
 
 
+_STATUSES = {s.value: s for s in TaskStatus}
+
+
+def task_from_values(v: Any) -> Task:
+    """A ``Task`` from a plain row tuple in ``queries.TASK_FIELDS`` order (bulk reads)."""
+    status = _STATUSES.get(v[5]) or TaskStatus(v[5])
+    return Task(v[0], v[1], v[2], v[3], v[4], status, v[6], v[7], v[8], v[9] or 0, v[10] or 0)
+
+
 def to_task(row: Any) -> Task:
     """A ``tasks`` row as a kernel ``Task``."""
     return Task(
@@ -105,7 +114,7 @@ def to_task(row: Any) -> Task:
         node=row.node,
         module=row.module,
         command=row.command,
-        status=TaskStatus(row.status),
+        status=_STATUSES.get(row.status) or TaskStatus(row.status),
         create_time=int(row.create_time),
         update_time=None if row.update_time is None else int(row.update_time),
         error_msg=row.error_msg,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import json
+import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -23,7 +24,7 @@ import peewee as pw
 from wpk_upgrade.interfaces import TaskFilter
 from wpk_upgrade.models import Task, TaskStatus, check_transition
 
-from .models import StoreModels, to_task
+from .models import StoreModels, task_from_values, to_task
 
 CHUNK = 500  # ids per IN (...) list: well below SQLite's bound-parameter limit
 
@@ -60,37 +61,79 @@ def latest_row(m: StoreModels, agent_id: int) -> Any | None:
     )
 
 
-def latest_rows(m: StoreModels, agent_ids: Iterable[int]) -> dict[int, Any]:
+#: Columns of a bulk read, in ``task_from_values`` order (the ``Task`` fields).
+TASK_FIELDS = (
+    "task_id",
+    "agent_id",
+    "node",
+    "module",
+    "command",
+    "status",
+    "create_time",
+    "update_time",
+    "error_msg",
+    "bytes_sent",
+    "bytes_total",
+)
+_TUPLE_COLUMNS = ", ".join(TASK_FIELDS)
+
+
+def latest_rows(m: StoreModels, agent_ids: Iterable[int]) -> dict[int, Task]:
     """Latest task row per agent (highest create_time, then task id), ``CHUNK`` agents a query.
 
-    SQLite and PostgreSQL: one (agent_id, create_time, task_id) index probe per agent, from a
-    ``VALUES`` list of the ids. MySQL/MariaDB (whose ``VALUES`` syntax differs): newest
+    One (agent_id, create_time, task_id) index probe per agent: PostgreSQL ``LATERAL`` over
+    the ids as one array parameter, SQLite over ``json_each`` of the ids as one JSON text
+    parameter (3.38+; a ``VALUES`` list of ``CHUNK`` ids before). MySQL/MariaDB: newest
     create_time per agent by ``GROUP BY`` (a loose index scan there), the highest task id
-    among rows sharing it.
+    among rows sharing it. Rows are read as tuples, without the ORM, straight into ``Task``s
+    (which callers read like rows: ``task_id``, ``agent_id``, ``node``, ``status``).
     """
     db = m.task._meta.database
     wanted = sorted({int(a) for a in agent_ids})
-    found: dict[int, Any] = {}
+    if not wanted:
+        return {}
+    if isinstance(db, pw.PostgresqlDatabase):
+        return _rows_by_agent(db.execute_sql(_LATEST_LATERAL, (wanted,)).fetchall())
+    if isinstance(db, pw.SqliteDatabase) and sqlite3.sqlite_version_info >= (3, 38, 0):
+        return _rows_by_agent(db.execute_sql(_LATEST_JSON, (json.dumps(wanted),)).fetchall())
+    found: dict[int, Task] = {}
     for chunk in chunks(wanted):
         if isinstance(db, pw.MySQLDatabase):
             found.update(_latest_grouped(m, chunk))
         else:
-            found.update(_latest_probed(m, chunk, db.param))
+            found.update(_latest_probed(db, chunk))
     return found
 
 
-def _latest_probed(m: StoreModels, chunk: Sequence[int], param: str) -> dict[int, Any]:
-    values = ", ".join(f"({param})" for _ in chunk)
+_LATEST_LATERAL = (
+    f"SELECT {', '.join('t.' + c for c in TASK_FIELDS)} FROM unnest(%s::bigint[]) a(id)"
+    " CROSS JOIN LATERAL (SELECT * FROM tasks WHERE agent_id = a.id"
+    " ORDER BY create_time DESC, task_id DESC LIMIT 1) t"
+)
+_LATEST_JSON = (
+    f"SELECT {_TUPLE_COLUMNS} FROM tasks WHERE task_id IN (SELECT (SELECT t.task_id"
+    " FROM tasks t WHERE t.agent_id = j.value ORDER BY t.create_time DESC, t.task_id DESC"
+    " LIMIT 1) FROM json_each(?) j)"
+)
+
+
+def _rows_by_agent(rows: Iterable[Sequence[Any]]) -> dict[int, Task]:
+    found = (task_from_values(r) for r in rows)
+    return {task.agent_id: task for task in found}
+
+
+def _latest_probed(db: pw.Database, chunk: Sequence[int]) -> dict[int, Task]:
+    values = ", ".join(f"({db.param})" for _ in chunk)
     sql = (
         f"WITH ids (agent_id) AS (VALUES {values}) "
-        "SELECT * FROM tasks WHERE task_id IN ("
+        f"SELECT {_TUPLE_COLUMNS} FROM tasks WHERE task_id IN ("
         " SELECT (SELECT t.task_id FROM tasks t WHERE t.agent_id = ids.agent_id"
         "  ORDER BY t.create_time DESC, t.task_id DESC LIMIT 1) FROM ids)"
     )
-    return {row.agent_id: row for row in m.task.raw(sql, *chunk)}
+    return _rows_by_agent(db.execute_sql(sql, list(chunk)).fetchall())
 
 
-def _latest_grouped(m: StoreModels, chunk: Sequence[int]) -> dict[int, Any]:
+def _latest_grouped(m: StoreModels, chunk: Sequence[int]) -> dict[int, Task]:
     t = m.task
     newest = (
         t.select(t.agent_id, pw.fn.MAX(t.create_time).alias("newest"))
@@ -98,11 +141,15 @@ def _latest_grouped(m: StoreModels, chunk: Sequence[int]) -> dict[int, Any]:
         .group_by(t.agent_id)
         .alias("newest")
     )
-    query = t.select().join(
-        newest, on=((t.agent_id == newest.c.agent_id) & (t.create_time == newest.c.newest))
+    columns = [getattr(t, name) for name in TASK_FIELDS]
+    query = (
+        t.select(*columns)
+        .join(newest, on=((t.agent_id == newest.c.agent_id) & (t.create_time == newest.c.newest)))
+        .tuples()
     )
-    found: dict[int, Any] = {}
-    for row in query:
+    found: dict[int, Task] = {}
+    for values in query:
+        row = task_from_values(values)
         best = found.get(row.agent_id)
         if best is None or row.task_id > best.task_id:
             found[row.agent_id] = row
@@ -156,10 +203,43 @@ def phase_of(extra: str | None) -> str | None:
     return value if isinstance(value, str) else None
 
 
+HISTORY_COLUMNS = ("task_id", "from_status", "to_status", "change_time", "node", "reason", "extra")
+TASK_COLUMNS = (
+    "agent_id",
+    "node",
+    "module",
+    "command",
+    "status",
+    "create_time",
+    "update_time",
+    "error_msg",
+    "params",
+    "bytes_sent",
+    "bytes_total",
+)
+
+
+def _insert_sql(db: pw.Database, table: str, columns: Sequence[str], rows: int) -> str:
+    """``INSERT INTO table (columns) VALUES (...), ...`` for ``rows`` rows of parameters."""
+    one = "(" + ", ".join([db.param] * len(columns)) + ")"
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES " + ", ".join([one] * rows)
+
+
+def _returning(db: pw.Database) -> bool:
+    """True when ``INSERT ... RETURNING`` works here (PostgreSQL, SQLite 3.35+)."""
+    if isinstance(db, pw.PostgresqlDatabase):
+        return True
+    if isinstance(db, pw.SqliteDatabase):
+        return sqlite3.sqlite_version_info >= (3, 35, 0)
+    return False
+
+
 def add_history(m: StoreModels, entries: Sequence[dict[str, Any]]) -> None:
-    """Insert history rows."""
-    for chunk in chunks(entries, 100):
-        m.history.insert_many(list(chunk)).as_rowcount().execute()
+    """Insert history rows: one multi-row statement per 500 (built once, no ORM per row)."""
+    db = m.history._meta.database
+    for chunk in chunks(entries, CHUNK):
+        values = [e[c] for e in chunk for c in HISTORY_COLUMNS]
+        db.execute_sql(_insert_sql(db, "task_history", HISTORY_COLUMNS, len(chunk)), values)
 
 
 def move(
@@ -222,30 +302,41 @@ def move_locked(
     return allowed
 
 
+def _id_groups(db: pw.Database, ids: Sequence[int]) -> Iterator[tuple[str, list[Any]]]:
+    """(``agent_id`` condition, parameters) covering ``ids``: one ``= ANY(array)`` on
+    PostgreSQL, ``IN (...)`` lists of ``CHUNK`` ids elsewhere."""
+    if isinstance(db, pw.PostgresqlDatabase):
+        yield "agent_id = ANY(%s::int[])", [list(ids)]
+        return
+    for chunk in chunks(ids):
+        yield f"agent_id IN ({', '.join([db.param] * len(chunk))})", list(chunk)
+
+
 def ensure_lock_rows(m: StoreModels, agent_ids: Sequence[int]) -> None:
     """Create missing ``agent_locks`` rows, outside any transaction (autocommit).
 
     Done before the transaction so that the transaction only ever takes row locks with
     ``SELECT ... FOR UPDATE`` in id order: no insert-lock interleaving, no deadlock.
     """
-    lock = m.agent_lock
-    for chunk in chunks(agent_ids):
-        have = {r.agent_id for r in lock.select(lock.agent_id).where(lock.agent_id.in_(chunk))}
-        missing = [{"agent_id": a} for a in chunk if a not in have]
-        if missing:
-            lock.insert_many(missing).on_conflict_ignore().as_rowcount().execute()
+    db = m.agent_lock._meta.database
+    have: set[int] = set()
+    for cond, params in _id_groups(db, agent_ids):
+        rows = db.execute_sql(f"SELECT agent_id FROM agent_locks WHERE {cond}", params)
+        have.update(int(r[0]) for r in rows.fetchall())
+    missing = [a for a in agent_ids if a not in have]
+    ignore = "INSERT IGNORE INTO" if isinstance(db, pw.MySQLDatabase) else "INSERT INTO"
+    conflict = "" if isinstance(db, pw.MySQLDatabase) else " ON CONFLICT DO NOTHING"
+    for chunk in chunks(missing):
+        marks = ", ".join([f"({db.param})"] * len(chunk))
+        db.execute_sql(f"{ignore} agent_locks (agent_id) VALUES {marks}{conflict}", list(chunk))
 
 
 def lock_agents(m: StoreModels, agent_ids: Sequence[int]) -> None:
     """Lock the agents' ``agent_locks`` rows (ids sorted) until the transaction ends."""
-    lock = m.agent_lock
-    for chunk in chunks(agent_ids):
-        list(
-            lock.select(lock.agent_id)
-            .where(lock.agent_id.in_(chunk))
-            .order_by(lock.agent_id)
-            .for_update()
-        )
+    db = m.agent_lock._meta.database
+    for cond, params in _id_groups(db, sorted(agent_ids)):
+        sql = f"SELECT agent_id FROM agent_locks WHERE {cond} ORDER BY agent_id FOR UPDATE"
+        db.execute_sql(sql, params).fetchall()
 
 
 def delete_foreign_pending(m: StoreModels, row: Any, node: str, when: int) -> bool:
@@ -271,30 +362,39 @@ def delete_foreign_pending(m: StoreModels, row: Any, node: str, when: int) -> bo
     return True
 
 
-def insert_task(
+def insert_tasks(
     m: StoreModels,
-    agent_id: int,
+    agent_ids: Sequence[int],
     node: str,
     module: str,
     command: str,
     pjson: str | None,
     when: int,
-) -> Task:
-    """Insert one Pending task row; returns it as a ``Task``."""
-    task_id = m.task.insert(
-        agent_id=agent_id,
-        node=node,
-        module=module,
-        command=command,
-        status=TaskStatus.PENDING.value,
-        create_time=when,
-        update_time=None,
-        error_msg=None,
-        params=pjson,
-        bytes_sent=0,
-        bytes_total=0,
-    ).execute()
-    return Task(int(task_id), int(agent_id), node, module, command, TaskStatus.PENDING, when)
+) -> list[Task]:
+    """Insert one Pending task row per agent (repeats allowed), ids ascending in order.
+
+    PostgreSQL and SQLite 3.35+: one multi-row ``INSERT ... RETURNING task_id`` per 500
+    rows (the ids of one statement are handed out in row order, so sorted they match the
+    rows); MySQL/MariaDB and older SQLite: one INSERT per row and its ``lastrowid``.
+    """
+    db = m.task._meta.database
+    pending = TaskStatus.PENDING.value
+    rows = [(a, node, module, command, pending, when, None, None, pjson, 0, 0) for a in agent_ids]
+    ids: list[int] = []
+    if _returning(db):
+        for chunk in chunks(rows, CHUNK):
+            sql = _insert_sql(db, "tasks", TASK_COLUMNS, len(chunk)) + " RETURNING task_id"
+            cursor = db.execute_sql(sql, [v for row in chunk for v in row])
+            ids.extend(sorted(int(r[0]) for r in cursor.fetchall()))
+    else:
+        sql = _insert_sql(db, "tasks", TASK_COLUMNS, 1)
+        ids = [int(db.execute_sql(sql, row).lastrowid) for row in rows]
+    if len(ids) != len(rows):
+        raise Raced(f"inserted {len(ids)} of {len(rows)} tasks")
+    return [
+        Task(i, int(a), node, module, command, TaskStatus.PENDING, when)
+        for i, a in zip(ids, agent_ids, strict=True)
+    ]
 
 
 def created_entry(task: Task) -> dict[str, Any]:

@@ -259,7 +259,7 @@ class SqlTaskStore(AgentRegistryMixin, TaskStore):
         pjson = params_json(params)
 
         def op(m: StoreModels) -> list[Task]:
-            tasks = [q.insert_task(m, a, node, module, command, pjson, when) for a in agents]
+            tasks = q.insert_tasks(m, agents, node, module, command, pjson, when)
             q.add_history(m, [q.created_entry(t) for t in tasks])
             return tasks
 
@@ -295,16 +295,16 @@ class SqlTaskStore(AgentRegistryMixin, TaskStore):
             if self._locking:
                 q.lock_agents(m, unique)
             latest = q.latest_rows(m, unique)
-            created: list[Task] = []
+            idle: list[int] = []
             busy: list[int] = []
             done: set[int] = set()
             for agent in agents:
                 if agent in done or not self._idle_for(m, latest.get(agent), node, when):
                     busy.append(agent)
                     continue
-                task = q.insert_task(m, agent, node, module, command, pjson, when)
-                created.append(task)
+                idle.append(agent)
                 done.add(agent)
+            created = q.insert_tasks(m, idle, node, module, command, pjson, when)
             q.add_history(m, [q.created_entry(t) for t in created])
             return created, busy
 
@@ -570,7 +570,7 @@ class SqlTaskStore(AgentRegistryMixin, TaskStore):
             return {}
 
         def op(m: StoreModels) -> dict[int, Task]:
-            return {a: to_task(r) for a, r in q.latest_rows(m, agent_ids).items()}
+            return q.latest_rows(m, agent_ids)
 
         return self._run("latest tasks", op, write=False)
 
