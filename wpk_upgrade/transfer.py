@@ -24,6 +24,10 @@ When the agent's connection is lost before step 5 (agent restart, network cut), 
 up to ``resume_timeout`` seconds for the agent to come back (``reconnect``), then starts again at
 step 1; step 2 tells it where to continue, so only the rest is sent (at most
 ``resume_attempts`` times). After a manager restart the next push of the task does the same.
+Lost during step 5, the agent's copy of the WPK decides once it is back: still there (it is
+deleted only once unpacked, just before the installer runs), ``upgrade`` is sent again; gone,
+the installer may have run, and the task waits for the agent's report (``push`` returns
+``UNKNOWN``).
 Each failing step raises ``UpgradeError`` with the reference code (18 to 23) and a detail.
 
 Every transfer reads the WPK from the one cached file (opened per transfer, never copied).
@@ -57,6 +61,8 @@ TRANSFER_MODES = ("windowed", "reference")
 #: Agent reply code "Upgrade module is disabled or not ready yet" (an agent just restarted).
 NOT_READY = 1
 UNSUPPORTED_MODE = 4
+#: What ``push`` returns when the agent's installer may have run but its answer was lost.
+UNKNOWN = "unknown"
 
 Progress = Callable[[int, int], None]
 Reconnect = Callable[[AgentLink], Awaitable[AgentLink | None]]
@@ -246,7 +252,8 @@ class WpkPusher:
         return await self._send("com", legacy, code, timeout)
 
     async def push(self, wpk: WpkRef) -> str:
-        """Deliver and install ``wpk``; returns the installer's exit status text ("0")."""
+        """Deliver and install ``wpk``; returns the installer's exit status text ("0"), or
+        ``UNKNOWN`` when the agent was lost while its installer may have been running."""
         started = time.monotonic()
         if self.windowed:
             await self._deliver_windowed(wpk)
@@ -567,14 +574,22 @@ class WpkPusher:
 
         # Wait longer than the agent's installer timeout (reference §11.12 fixed).
         timeout = self.settings.installer_timeout + self.settings.command_timeout
-        reply = await self._command(
-            UpgradeCode.SEND_UPGRADE_ERROR,
-            "upgrade",
-            f"upgrade {name} {wpk.installer}",
-            timeout=timeout,
-            file=name,
-            installer=wpk.installer,
-        )
+        losses = 0
+        while True:
+            try:
+                reply = await self._command(
+                    UpgradeCode.SEND_UPGRADE_ERROR,
+                    "upgrade",
+                    f"upgrade {name} {wpk.installer}",
+                    timeout=timeout,
+                    file=name,
+                    installer=wpk.installer,
+                )
+                break
+            except LinkLost as exc:
+                losses += 1
+                if not await self._upgrade_again(wpk, exc, losses):
+                    return UNKNOWN
         if not reply.ok:
             raise UpgradeError(UpgradeCode.SEND_UPGRADE_ERROR, f"agent said: {reply.data}")
         status = reply.data.strip().split(" ", 1)[0] if reply.data.strip() else ""
@@ -584,3 +599,60 @@ class WpkPusher:
                 f"Script execution failed in the agent: installer exit status {reply.data!r}",
             )
         return status
+
+    async def _upgrade_again(self, wpk: WpkRef, lost: LinkLost, losses: int) -> bool:
+        """The connection died during ``upgrade`` (the agent was killed or restarted).
+
+        Once the agent is back, its copy of the WPK tells what happened: still in
+        ``var/incoming`` with the expected SHA1 (the agent deletes it only after unpacking,
+        just before its installer runs), the installer did not run: True, send ``upgrade``
+        again. Gone, the installer may have run (and restarted the agent, which reports its
+        result): False, the task waits for that report or its timeout. Before this, such a
+        task was marked Error at once, even when its installer went on and succeeded
+        (hardening R3).
+        """
+        if self.reconnect is None or losses > self.settings.resume_attempts:
+            raise lost
+        name = wpk.file_name
+        log.info(
+            "%sagent %03d: %s during upgrade; waiting up to %.0f s for it to come back",
+            self.where,
+            self.link.agent_id,
+            lost.detail,
+            self.settings.resume_timeout,
+        )
+        link = await self.reconnect(self.link)
+        if link is None:
+            raise UpgradeError(
+                lost.code,
+                f"{lost.detail}; the agent did not come back within "
+                f"{self.settings.resume_timeout:g} s",
+            ) from lost
+        self.link = link
+        self.stats.reconnects += 1
+        deadline = time.monotonic() + self.settings.resume_timeout
+        while True:
+            reply = await self._command(
+                UpgradeCode.SEND_UPGRADE_ERROR, "sha1", f"sha1 {name}", file=name
+            )
+            if reply.ok and reply.data.strip().lower() == wpk.sha1.strip().lower():
+                log.info(
+                    "%sagent %03d still holds %s: its installer did not run; upgrading again",
+                    self.where,
+                    self.link.agent_id,
+                    name,
+                )
+                await self._lock_restart()
+                return True
+            if reply.code == NOT_READY and time.monotonic() < deadline:
+                await asyncio.sleep(max(self.settings.open_retry_delay, 0.05))
+                continue
+            log.info(
+                "%sagent %03d no longer holds %s (%s): its installer may have run; waiting "
+                "for its report",
+                self.where,
+                self.link.agent_id,
+                name,
+                reply.data,
+            )
+            return False

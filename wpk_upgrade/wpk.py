@@ -101,6 +101,7 @@ __all__ = [
     "normalize_member_name",
     "pack",
     "read_header",
+    "remove_stale",
     "unpack",
     "verify",
     "verify_and_unpack",
@@ -990,11 +991,75 @@ def _unpack_open(
             raise WpkError(
                 AgentCode.CHMOD, f"installer '{installer_name}' is not a file of the package"
             )
-        _clean_dir(dest)
-        _move_into(tmp, dest)
+        _switch_into(tmp, dest)
         return members
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _switch_into(tmp: Path, dest: Path) -> None:
+    """Make the unpacked ``tmp`` the new ``dest``, never showing a partial package.
+
+    The old ``dest`` is renamed aside, ``tmp`` renamed into its place, then the old one is
+    removed: a process killed at any point leaves the old package, no ``dest`` at all (the
+    agent recreates it empty), or the whole new one; never a mix (hardening R3 found one:
+    killed while ``dest`` was being emptied, the agent kept part of the old package). Where
+    ``dest`` cannot be renamed (a mount point, say), it is emptied and the entries moved in.
+    Leftovers of a killed switch are removed by ``remove_stale``.
+    """
+    mode, owner = 0o750, None
+    if dest.exists():
+        st = dest.stat()
+        mode, owner = st.st_mode & 0o7777, (st.st_uid, st.st_gid)
+    try:
+        os.chmod(tmp, mode)
+        if owner is not None and hasattr(os, "chown"):
+            try:
+                os.chown(tmp, *owner)
+            except PermissionError:
+                pass  # not ours to give away: the new directory stays the agent's
+    except OSError as exc:
+        raise WpkError(_CLEAN, f"cannot prepare the new '{dest}': {exc}") from exc
+    old: Path | None = None
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+        try:
+            os.replace(dest, old)  # old is an empty directory: replaced atomically
+        except OSError:
+            os.rmdir(old)
+            _clean_dir(dest)
+            _move_into(tmp, dest)
+            return
+    try:
+        os.rename(tmp, dest)
+    except OSError as exc:
+        if old is not None:
+            try:
+                os.rename(old, dest)
+            except OSError:
+                pass
+        raise WpkError(_UNMERGE, f"cannot move the unpacked package to '{dest}': {exc}") from exc
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale(dest: Path | str) -> list[str]:
+    """Remove what a killed unpack left beside ``dest`` (``.<name>.unpack-*`` and
+    ``.<name>.old-*`` directories); returns their names. Call it when no unpack runs."""
+    dest = Path(os.path.abspath(dest))
+    removed = []
+    try:
+        entries = list(os.scandir(dest.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if name.startswith((f".{dest.name}.unpack-", f".{dest.name}.old-")) and entry.is_dir(
+            follow_symlinks=False
+        ):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(name)
+    return removed
 
 
 def _clean_dir(dest: Path) -> None:

@@ -397,6 +397,7 @@ class AgentProc:
         self.agent_id = agent_id
         home.mkdir(parents=True, exist_ok=True)
         (home / "etc").mkdir(exist_ok=True)
+        (home / "logs").mkdir(exist_ok=True)  # where the demo installer writes its log
         (home / "etc" / "version").write_text(f"{version}\n")
         options = {
             "address": address,

@@ -289,3 +289,113 @@ def test_upgrade_custom_installer_must_be_a_plain_name(
         assert harness.result([90])[0]["error"] != 0  # no task was created
         assert agent.received == []
     assert "refused upgrade_custom" in caplog.text
+
+
+# --------------------------------------------------------------------------- agent killed (R3)
+
+
+CHILD = r"""
+import os, sys
+from pathlib import Path
+from wpk_upgrade import wpk
+real = os.rename
+def rename(src, dst):
+    if ".unpack-" in str(src):
+        os._exit(9)  # killed between moving the old package aside and the new one in
+    return real(src, dst)
+os.rename = rename
+wpk.verify_and_unpack(Path(sys.argv[1]), None, Path(sys.argv[2]), "upgrade.sh")
+"""
+
+
+def test_install_switch_never_leaves_a_partial_package(tmp_path: Path) -> None:
+    """Killed inside the switch, the agent kept part of the old package (its directory was
+    being emptied): now the old one is renamed aside whole, and leftovers are removed at the
+    agent's next start (``wpk.remove_stale``)."""
+    import subprocess
+    import sys
+
+    from hardlib import Lab, tree_snapshot
+
+    from wpk_upgrade import wpk
+
+    lab = Lab.create(tmp_path / "lab")
+    new = lab.wpk(tmp_path / "new.wpk", {"upgrade.sh": b"#!/bin/sh\n", "n.bin": b"n" * 1000})
+    dest = tmp_path / "var" / "upgrade"
+    dest.mkdir(parents=True)
+    for i in range(300):
+        (dest / f"old{i}").write_text("old")
+    old_state = tree_snapshot(dest)
+    run = subprocess.run([sys.executable, "-c", CHILD, str(new), str(dest)], timeout=60)
+    assert run.returncode == 9
+    assert not dest.exists() or tree_snapshot(dest) == old_state  # never a mix
+    leftovers = sorted(p.name for p in dest.parent.iterdir() if p.name != "upgrade")
+    assert leftovers and all(".unpack-" in n or ".old-" in n for n in leftovers)
+    assert sorted(wpk.remove_stale(dest)) == leftovers
+    assert [p.name for p in dest.parent.iterdir() if p.name != "upgrade"] == []
+    # and a normal switch: exactly the new package, nothing beside it
+    dest.mkdir(exist_ok=True)
+    (dest / "stale").write_text("x")
+    wpk.verify_and_unpack(new, None, dest, "upgrade.sh")
+    assert sorted(p.name for p in dest.iterdir()) == ["n.bin", "upgrade.sh"]
+    assert [p.name for p in dest.parent.iterdir()] == ["upgrade"]
+    assert oct(dest.stat().st_mode & 0o777) == "0o755"  # the old directory's mode is kept
+
+
+class _Link:
+    """A scripted agent link: ``answers`` maps a command to its replies, in turn."""
+
+    def __init__(self, agent_id: int, answers: dict[str, list[Any]]) -> None:
+        self.agent_id = agent_id
+        self.answers = answers
+        self.sent: list[str] = []
+
+    async def request(self, target: str, payload: str, timeout: float) -> str:
+        command = payload.split(" ", 1)[0] if target == "com" else json.loads(payload)["command"]
+        self.sent.append(command)
+        answer = self.answers[command].pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return str(answer)
+
+    async def close(self) -> None:
+        pass
+
+
+def _ok(message: str) -> str:
+    return json.dumps({"error": 0, "message": message, "data": []})
+
+
+@pytest.mark.parametrize("still_there", [True, False])
+def test_connection_lost_during_upgrade(still_there: bool) -> None:
+    """Killed during ``upgrade``, the task was marked Error at once, even when its installer
+    went on and succeeded. Now: the WPK still on the agent -> ``upgrade`` again; gone -> the
+    installer may have run, the push ends ``UNKNOWN`` (the task waits for the report)."""
+    from wpk_upgrade.models import WpkRef
+    from wpk_upgrade.transfer import UNKNOWN, TransferSettings, WpkPusher
+
+    sha1 = "ab" * 20
+    first = _Link(7, {"upgrade": [ConnectionError("connection closed")]})
+    not_ready = json.dumps({"error": 1, "message": "not ready", "data": []})
+    gone = json.dumps({"error": 12, "message": "Cannot generate SHA1", "data": []})
+    second = _Link(
+        7,
+        {
+            "sha1": [not_ready, _ok(sha1.upper()) if still_there else gone],
+            "lock_restart": ["ok "],
+            "upgrade": [_ok("0")],
+        },
+    )
+
+    async def reconnect(old: Any) -> Any:
+        assert old is first
+        return second
+
+    settings = TransferSettings(resume_timeout=5, open_retry_delay=0.01)
+    pusher = WpkPusher(first, "v4.8.0", settings, reconnect=reconnect)  # type: ignore[arg-type]
+    ref = WpkRef(path="/nonexistent", file_name="a.wpk", sha1=sha1, size=1)
+    status = asyncio.run(pusher._install(ref))
+    if still_there:
+        assert status == "0" and second.sent == ["sha1", "sha1", "lock_restart", "upgrade"]
+    else:
+        assert status == UNKNOWN and second.sent == ["sha1", "sha1"]

@@ -41,6 +41,7 @@ from typing import Any
 from ..drivers import TRANSPORTS, driver_class, load_options
 from ..errors import ConfigError, WpkUpgradeError
 from ..interfaces import ManagerChannel, Transport
+from ..wpk import remove_stale
 from .commands import CA_DISABLED_WARNING, CommandHandler, RestartLock
 from .config import AgentConfig, load_agent_config
 from .identity import identity_fn
@@ -118,9 +119,13 @@ class AgentDaemon:
 
     # ---- files
     def prepare(self) -> None:
-        """Write the pid and state files and warn about the CA settings."""
+        """Write the pid and state files, remove what a killed upgrade left beside
+        ``var/upgrade``, and warn about the CA settings."""
         _write_atomic(self.config.pid_file, f"{os.getpid()}\n")
         self.set_state(False)
+        stale = remove_stale(self.config.upgrade_dir)
+        if stale:
+            self.log.warning("removed what an interrupted upgrade left: %s", ", ".join(stale))
         stores = self.config.ca_stores
         if stores is None:
             self.log.warning(
