@@ -2,7 +2,9 @@
 
 It builds a lab CA and a signed WPK repository for a new agent version whose installer really
 changes the version the agent reports (and restarts the agent), serves the repository over
-HTTPS on loopback, starts a manager and N agents as real processes at an older version, sends
+HTTPS on loopback, issues the transport certificates (``wpk-upgrade ca``: the manager's, and
+one per agent with ``CN=agent:NNN``), starts a manager and N agents as real processes at an
+older version, talking over mutual TLS (with a revocation list), sends
 the mission's example ``upgrade`` message, shows live per-agent status, prints the
 ``upgrade_result`` reply, then does the same with an ``upgrade_custom`` of a local WPK.
 Exit status 0 only when every agent ends Updated on the expected version.
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import pki, wpk
+from . import cli_ca, pki, wpk
 from .framing import request_unix
 
 OLD_VERSION = "v4.8.0"
@@ -79,6 +81,10 @@ class DemoPaths:
         return self.root / "repo"
 
     @property
+    def transport_ca(self) -> Path:
+        return self.root / "pki" / "transport-ca"
+
+    @property
     def manager_home(self) -> Path:
         return self.root / "manager"
 
@@ -124,16 +130,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _inline(options: dict[str, Any]) -> str:
+    return ", ".join(f"{k} = {json.dumps(v)}" for k, v in options.items())
+
+
 def write_manager_config(paths: DemoPaths, ca: pki.CaFiles, port: int) -> Path:
     home = paths.manager_home
     home.mkdir(parents=True, exist_ok=True)
+    tls = cli_ca.issue_manager(paths.transport_ca, home / "tls", ["127.0.0.1", "localhost"])
+    transport = {
+        "listen": f"127.0.0.1:{port}",
+        "heartbeat": 5.0,
+        "ca": str(home / "tls" / "ca.pem"),
+        "cert": str(tls.cert),
+        "key": str(tls.key),
+        "crl": str(paths.transport_ca / cli_ca.CRL_NAME),
+    }
     config = home / "manager.toml"
     config.write_text(
         f'home = "{home}"\n'
         'node_name = "node01"\n'
         "[upgrade]\nmax_threads = 8\nchunk_size = 32768\n"
         '[task_manager]\ntask_timeout = "5m"\nsweep_interval = 5\n'
-        f'[transport]\nname = "tcp"\noptions = {{ listen = "127.0.0.1:{port}", heartbeat = 5.0 }}\n'
+        f'[transport]\nname = "tcp"\noptions = {{ {_inline(transport)} }}\n'
         f'[sources.https]\nca_bundle = "{ca.cert}"\n'
     )
     return config
@@ -145,13 +164,21 @@ def write_agent_config(paths: DemoPaths, ca: pki.CaFiles, agent_id: int, port: i
     (home / "logs").mkdir(parents=True, exist_ok=True)
     (home / "etc" / "version").write_text(f"{OLD_VERSION}\n")
     shutil.copy(ca.cert, home / "etc" / "wpk_root.pem")
+    tls = cli_ca.issue_agent(paths.transport_ca, agent_id, home / "etc")
+    transport = {
+        "address": f"127.0.0.1:{port}",
+        "heartbeat": 5.0,
+        "reconnect_max": 1.0,
+        "ca": str(tls.ca),
+        "cert": str(tls.cert),
+        "key": str(tls.key),
+    }
     config = home / "etc" / "agent.toml"
     config.write_text(
         f'home = "{home}"\n'
         f'[agent]\nid = {agent_id}\nname = "demo-{agent_id:03d}"\n'
         + "".join(f'{k} = "{v}"\n' for k, v in PLATFORM.items())
-        + f'[manager]\ntransport = "tcp"\n'
-        f'options = {{ address = "127.0.0.1:{port}", heartbeat = 5.0, reconnect_max = 1.0 }}\n'
+        + f'[manager]\ntransport = "tcp"\noptions = {{ {_inline(transport)} }}\n'
         '[upgrade]\nenabled = true\nresult_wait = "2s"\nnotification_wait_start = "2s"\n'
         'installer_timeout = "60s"\n'
     )
@@ -246,6 +273,11 @@ def run_demo(agents: int = 3, keep: bool = False) -> int:
         say(f"wpk-upgrade demo in {root}")
         say("1. lab PKI: a CA, a WPK signing certificate, a TLS certificate for the repository")
         ca = pki.create_ca(paths.pki / "ca")
+        cli_ca.init_ca(paths.transport_ca)
+        say(
+            f"   transport CA {paths.transport_ca} (manager and agents talk over mutual TLS; "
+            "each agent's certificate names it: CN=agent:NNN)"
+        )
         signer = pki.issue_certificate(
             ca.cert, ca.key, paths.pki, "demo WPK signer", "code", basename="signer"
         )
