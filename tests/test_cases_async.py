@@ -772,21 +772,24 @@ def test_c050_restart_cancels_queued_task(tmp_path: Path, lab: Lab) -> None:
 
 
 def test_c050_restart_resumes_queued_task(tmp_path: Path, lab: Lab) -> None:
-    """Default ``on_restart = "resume"``: the queued task is pushed once its agent is back
-    (the dispatcher waits for the agent to reconnect); the interrupted one stays Updating and
-    is not pushed again."""
+    """Default ``on_restart = "resume"`` (issue 5 recovery, not the reference): the push that
+    the restart cut (task 1, stalled at lock_restart) is pushed again first, and the queued
+    task 2 is pushed once its agent is back. Agent 1 still stalls, so task 1 ends Error with the
+    reason after the (short) command timeout; task 2 goes through its whole sequence."""
     home, port = tmp_path / "manager", closed_port()
+    again = {"upgrade": {"max_threads": 1, "command_timeout": 2.0}}
     with contextlib.ExitStack() as stack:
         with manager_at(home, port, lab, **RESTART) as h1:
             a1, a2 = _stalled_and_queued(h1)
             stack.callback(a1.stop)
             stack.callback(a2.stop)
-        with manager_at(home, port, lab, **RESTART) as h2:
+        with manager_at(home, port, lab, **again) as h2:
             wait_command(h2, a2, "upgrade")
-            items = wait_status(h2, [1, 2], ["Updating", "Updating"])
+            items = wait_status(h2, [1, 2], ["Error", "Updating"])
             assert [i["task_id"] for i in items] == [1, 2]
+            assert items[0]["error_msg"] == "Send lock restart error"
             assert commands(a2) == SEQUENCE
-            assert commands(a1) == ["lock_restart"]
+            assert commands(a1) == ["lock_restart", "lock_restart"]
 
 
 def test_c052_node_rename_replaces_pending_task(tmp_path: Path, lab: Lab) -> None:
