@@ -4,6 +4,24 @@ The manager multiplexes requests by id over each agent's connection; the agent a
 request in its own task and sends heartbeats. A connection silent for three heartbeats is
 considered dead. The agent reconnects with capped exponential backoff.
 
+Options (``[transport] options`` on the manager, ``[manager] options`` on an agent):
+
+==================  =========  ===============================================================
+``listen``          manager    ``host:port`` to accept agents on (default ``127.0.0.1:1516``)
+``address``         agent      ``host:port`` of the manager
+``heartbeat``       both       seconds between an agent's pings (default 10)
+``hello_timeout``   both       seconds for the TLS handshake and the hello (default 10)
+``max_frame``       both       largest message accepted, bytes (default 1 MiB)
+``reconnect_min``,  agent      reconnection backoff bounds, seconds (0.5, 30)
+``reconnect_max``
+``tls``             both       unset: TLS when ``ca``/``cert``/``key`` are set; true/false
+``ca``              both       manager: the agent CA it trusts; agent: the manager CA
+``cert``, ``key``   both       this side's certificate and private key (PEM)
+``crl``             manager    revocation list of the agent CA (PEM or DER), re-read on change
+``server_name``     agent      name the manager certificate must carry (default: ``address``)
+``backlog``         manager    listen backlog (default 1024; many agents connect at once)
+==================  =========  ===============================================================
+
 Mutual TLS (``tls.py``) is on when certificates are configured (``tls`` unset) or when
 ``tls = true``; ``tls = false`` forces plain TCP (tests, loopback labs). With TLS the manager
 identifies an agent by its client certificate (``CN=agent:<id>``): a hello whose id differs
