@@ -10,6 +10,7 @@ cleared. ``upgrade_result``: the task manager's items.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from typing import Any
@@ -158,6 +159,12 @@ class UpgradeService:
             log.warning("upgrade socket: refused upgrade_custom: %s", problem)
             return upgrade_error_reply(UpgradeCode.TASK_CONFIGURATIONS, problem)
         agents = await asyncio.to_thread(self.store.get_agents, list(request.agents))
+        unwritten = [a for a in set(request.agents) if a not in agents and self.hub.link(a)]
+        if unwritten:  # connected here a moment ago: the registry row is being written
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await self.hub.drain()
+            agents.update(await asyncio.to_thread(self.store.get_agents, unwritten))
         for agent_id, agent in agents.items():
             if agent.connection_status != "active" and self.hub.link(agent_id) is not None:
                 # connected here a moment ago: the store row is still being rewritten
