@@ -209,10 +209,10 @@ def seed_tasks(harness: ManagerHarness) -> None:
     store.create_tasks([10], "node02", "upgrade_module", "upgrade", TaskParams(command="upgrade"))
 
 
-def manager_nasties(which: str, limit: int) -> list[Case]:
+def manager_nasties(which: str, limit: int, full: bool = False) -> list[Case]:
     """Socket-specific hand-written inputs: stored text that cannot be encoded back (lone
     surrogates, NUL), other nodes' names, traversal in paths."""
-    out = nasties(("upgrade",) if which == "upgrade" else ("upgrade_result",), limit)
+    out = nasties(("upgrade",) if which == "upgrade" else ("upgrade_result",), limit, full)
     extra: list[dict[str, Any]] = []
     if which == "upgrade":
         extra = [
@@ -269,12 +269,12 @@ def fuzz_manager(size: Size) -> list[Figure]:
         for which, seed_value in (("upgrade", 11), ("task", 12)):
             fig = Figure("R1", f"fuzzing {which} socket")
             target = manager_target(harness, watch, which, state)
-            for case in manager_nasties(which, target.limit):
+            for case in manager_nasties(which, target.limit, size.full):
                 judge(target, fig, case)
             commands = MANAGER_COMMANDS if which == "task" else MANAGER_COMMANDS[:4]
             run_examples(
                 case_strategy(commands),
-                size.pick(150, 10_000),
+                size.pick(100, 10_000),
                 seed_value,
                 lambda case, t=target, f=fig: judge(t, f, case),  # type: ignore[misc]
             )
@@ -453,7 +453,7 @@ def fuzz_agent_socket(size: Size) -> list[Figure]:
             judge(target, fig, case)
         run_examples(
             case_strategy(AGENT_COMMANDS),
-            size.pick(150, 10_000),
+            size.pick(100, 10_000),
             21,
             lambda case: judge(target, fig, case),
         )

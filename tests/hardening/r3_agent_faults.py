@@ -237,7 +237,7 @@ def measure(size: Size) -> list[Figure]:
         ("sha1", nth("sha1", 1)),
         ("upgrade (at once)", nth("upgrade", 1)),
     ]
-    delays = [0.15] if not size.full else sorted(random.uniform(0, 1) for _ in range(12))
+    delays = [] if not size.full else sorted(random.uniform(0, 1) for _ in range(12))
     steps += [(f"upgrade (+{d * 1000:.0f} ms)", nth("upgrade", 1, d)) for d in delays]
     steps += [
         ("upgrade (var/upgrade changing)", nth("upgrade", 1, SWITCH))
@@ -264,7 +264,7 @@ def measure(size: Size) -> list[Figure]:
             31,
             f"127.0.0.1:{proxy.port}",
             ca_store=lab.ca.cert,
-            result_wait=0.3,
+            result_wait=1.0,  # the installer's result must be on disk before it is read
             reconnect_max=0.2,
         )
         upgrade_dir = agent.home / "var" / "upgrade"
@@ -300,7 +300,7 @@ def run_step(
     if not agent.alive():
         agent.start()
     wait_until(lambda: hub.link(agent.agent_id) is not None, 30, "the agent connected")
-    time.sleep(0.6)  # the start-up result check (result_wait) opens the gate
+    time.sleep(1.3)  # the start-up result check (result_wait) opens the gate
     result_file = agent.home / "var" / "upgrade" / "upgrade_result"
     if rule is not None:
         proxy.arm(agent, rule)
