@@ -97,10 +97,12 @@ class Size:
 
 
 def assert_figures(figures: list[Figure]) -> None:
-    """pytest helper: every figure tried something and failed nothing."""
+    """pytest helper: every figure tried something and failed nothing (then the scratch
+    directories go; on a failure they stay, named in the log, for a look)."""
     text = "\n".join(f.details() for f in figures)
     assert all(f.tried > 0 for f in figures), text
     assert all(f.failed == 0 for f in figures), text
+    remove_scratch()
 
 
 # --------------------------------------------------------------------------- logs
@@ -311,11 +313,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+_SCRATCH: list[Path] = []
+
+
 def scratch(prefix: str) -> Path:
-    """A fresh directory that other users can traverse (the socket-permission tests need it)."""
+    """A fresh directory that other users can traverse (the socket-permission tests need it);
+    removed by ``remove_scratch`` once the figures passed (kept for a look when they failed)."""
     path = Path(tempfile.mkdtemp(prefix=f"wpkh-{prefix}-"))
     path.chmod(0o755)
+    _SCRATCH.append(path)
     return path
+
+
+def remove_scratch() -> None:
+    while _SCRATCH:
+        shutil.rmtree(_SCRATCH.pop(), ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- lab

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hardlib import Figure, Size
+from hardlib import Figure, Size, remove_scratch
 
 MEASUREMENTS: dict[str, str] = {
     "R1": "r1_fuzz",
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             failed = failed or fig.failed > 0
             if not fig.tried and fig.notes:
                 print(f"{indent}    ({fig.notes[0]})")
+    if not failed:
+        remove_scratch()
     return 1 if failed else 0
 
 
