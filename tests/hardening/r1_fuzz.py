@@ -260,6 +260,7 @@ def fuzz_manager(size: Size) -> list[Figure]:
     figures = []
     home = scratch("r1-manager")
     config = manager_config(home, upgrade={"command_timeout": 0.5, "open_attempts": 1})
+    rss_before = peak_rss_mib()
     with LogWatch() as watch, ManagerHarness(config) as harness:
         seed_tasks(harness)
 
@@ -287,7 +288,24 @@ def fuzz_manager(size: Size) -> list[Figure]:
             size,
         )
         figures.append(slow)
+        figures[0].notes.append(
+            f"peak RSS of the process running the manager: {rss_before:.0f} MiB before, "
+            f"{peak_rss_mib():.0f} MiB after both sockets; {watch.lines} log lines, "
+            f"longest {watch.biggest} characters"
+        )
     return figures
+
+
+def peak_rss_mib(pid: int | None = None) -> float:
+    """Peak resident memory (VmHWM) of ``pid`` (this process by default), in MiB."""
+    try:
+        text = Path(f"/proc/{pid or 'self'}/status").read_text()
+    except OSError:
+        return float("nan")
+    for line in text.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 # --------------------------------------------------------------------------- slow clients
@@ -457,6 +475,8 @@ def fuzz_agent_socket(size: Size) -> list[Figure]:
             21,
             lambda case: judge(target, fig, case),
         )
+        assert agent.proc is not None
+        fig.notes.append(f"peak RSS of the agent process: {peak_rss_mib(agent.proc.pid):.0f} MiB")
         slow = Figure("R1", "slow and idle clients (agent socket)")
         request = frame(
             json.dumps({"command": "sha1", "parameters": {"file": PROBE_FILE}}).encode()
