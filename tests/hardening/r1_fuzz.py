@@ -311,9 +311,15 @@ def peak_rss_mib(pid: int | None = None) -> float:
 # --------------------------------------------------------------------------- slow clients
 
 
-def slow_clients(path: Path | tuple[str, int], request: bytes, fig: Figure, size: Size) -> None:
+def slow_clients(
+    path: Path | tuple[str, int],
+    request: bytes,
+    fig: Figure,
+    size: Size,
+    good: Callable[[Any], bool] = is_envelope,
+) -> None:
     """``n`` clients trickle a request one byte per second and ``idle`` clients connect and
-    say nothing, while a fast client must keep being answered within a second."""
+    say nothing, while a fast client must keep being answered (``good``) within a second."""
     slow_n = size.pick(5, 50)
     idle_n = size.pick(100, 1000)
     seconds = size.pick(3, 10)
@@ -354,7 +360,7 @@ def slow_clients(path: Path | tuple[str, int], request: bytes, fig: Figure, size
                 took = time.monotonic() - started
                 worst = max(worst, took)
                 fig.check(
-                    is_envelope(reply) and took < 1.0,
+                    good(reply) and took < 1.0,
                     f"fast client answered in {took:.2f} s beside slow clients: {reply!r}"[:300],
                 )
             except (OSError, ValueError) as exc:
@@ -645,6 +651,14 @@ def fuzz_transport_manager(size: Size) -> list[Figure]:
             31,
             lambda payload: one_hello(frame(payload)),
         )
+        slow = Figure("R1", "slow and idle clients (transport)")
+        slow_clients(
+            address,
+            frame(json.dumps(hello(31)).encode()),
+            slow,
+            size,
+            lambda reply: isinstance(reply, dict) and reply.get("type") == "welcome",
+        )
 
         # events after a valid hello, as agent 30 (agent 8 has a running task)
         state_before: list[Any] = [task_snapshot(harness.store)]
@@ -758,7 +772,7 @@ def fuzz_transport_manager(size: Size) -> list[Figure]:
         run_examples(wire_messages("event"), size.pick(100, 10_000), 32, event_case)
         if conn[0] is not None:
             conn[0].close()
-    return [hello_fig, event_fig]
+    return [hello_fig, event_fig, slow]
 
 
 class FakeManager:
