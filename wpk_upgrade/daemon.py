@@ -216,6 +216,7 @@ class Manager:
         while self.web:
             await self.web.pop().close()
         await self.transport.close()
+        await self.hub.drain()
         for task in self._background:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(task, 10)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 _NUMS = re.compile(r"^v?(\d+)(?:\.(\d+))?(?:\.(\d+))?")
 _STRICT = re.compile(r"^(?:wazuh )?v?(\d+)\.(\d+)\.(\d+)$", re.IGNORECASE)
@@ -23,6 +24,7 @@ def extract(version: str | None) -> str | None:
     return rest if _NUMS.match(rest) else None
 
 
+@lru_cache(maxsize=4096)
 def parse(version: str) -> tuple[int, int, int]:
     """(major, minor, patch) of ``vX.Y.Z`` / ``X.Y.Z``; missing parts are 0.
 
