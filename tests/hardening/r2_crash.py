@@ -83,9 +83,10 @@ def check_store(
         since = task.update_time or task.create_time
         stuck = task.status.active and now - since > TASK_TIMEOUT + 5
         fig.check(not stuck, f"task {task.task_id} stuck {task.status} since {now - since:.0f} s")
-        for problem in history_problems(store, task):
+        problems = history_problems(store, task)
+        for problem in problems:
             fig.fail(problem)
-        else:
+        if not problems:
             fig.ok()
     active: dict[int, int] = {}
     for task in tasks:
