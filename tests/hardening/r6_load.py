@@ -94,17 +94,19 @@ def concurrent_requests(fig: Figure, size: Size) -> None:
 
         def sample() -> None:
             while not stop_sampling.wait(0.1):
+                # two queries: a task moving from one status to the other between them is
+                # seen twice, so tasks are counted by id
                 active = [
                     t
                     for status in (TaskStatus.PENDING, TaskStatus.IN_PROGRESS)
                     for t in harness.store.tasks_in_status(None, status)
                 ]
-                counts: dict[int, int] = {}
+                ids: dict[int, set[int]] = {}
                 for task in active:
-                    counts[task.agent_id] = counts.get(task.agent_id, 0) + 1
-                for agent_id, count in counts.items():
-                    if count > 1:
-                        violations.append(f"agent {agent_id} had {count} active tasks")
+                    ids.setdefault(task.agent_id, set()).add(task.task_id)
+                for agent_id, tasks in ids.items():
+                    if len(tasks) > 1:
+                        violations.append(f"agent {agent_id} had active tasks {sorted(tasks)}")
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
