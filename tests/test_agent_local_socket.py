@@ -215,7 +215,9 @@ def free_port() -> int:
 class AgentProcess:
     """``python -m wpk_upgrade.agent --config FILE`` with stderr in a file we can watch."""
 
-    def __init__(self, home: Path, address: str, result_wait: float = 0.1) -> None:
+    def __init__(
+        self, home: Path, address: str, result_wait: float = 0.1, extra_config: str = ""
+    ) -> None:
         self.home = home
         self.config_path = home / "etc" / "agent.toml"
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +225,7 @@ class AgentProcess:
             f'home = "{home}"\n[agent]\nid = 5\nname = "proc"\n'
             f'[manager]\ntransport = "tcp"\n'
             f'options = {{ address = "{address}", reconnect_min = 0.05, heartbeat = 2.0 }}\n'
-            f"[upgrade]\nresult_wait = {result_wait}\n"
+            f"[upgrade]\nresult_wait = {result_wait}\n{extra_config}"
         )
         self.socket = home / "queue" / "sockets" / "upgrade"
         self.log_path = home / "stderr.log"
@@ -312,6 +314,33 @@ def test_agent_process_restart_and_stop(home: Path) -> None:
         assert "agent stopped" in agent.log
     finally:
         agent.stop()
+
+
+def test_agent_process_logs_json_lines(home: Path) -> None:
+    """``[logging] format = "json"``: every line on stderr and in the log file is one JSON
+    object with the agent's id, across a restart and the stop."""
+    agent = AgentProcess(
+        home,
+        f"127.0.0.1:{free_port()}",
+        extra_config='[logging]\nformat = "json"\nfile = "logs/agent.log"\n',
+    ).start()
+    try:
+        agent.wait_for(lambda: "starting, pid" in agent.log and agent._answers(), "start")
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGHUP)
+        agent.wait_for(lambda: agent.log.count("starting, pid") >= 2, "restart")
+        agent.wait_for(agent._answers, "an agent answering")
+    finally:
+        assert agent.stop() == 0
+    for text in (agent.log, (home / "logs" / "agent.log").read_text()):
+        entries = [json.loads(line) for line in text.splitlines()]
+        assert len(entries) >= 4
+        for entry in entries:
+            assert entry["agent_id"] == 5 and entry["level"] in ("INFO", "WARNING")
+            assert entry["logger"].startswith("wpk_") and entry["time"].endswith("Z")
+        messages = [entry["message"] for entry in entries]
+        assert sum("starting, pid" in m for m in messages) == 2
+        assert any("agent stopped" in m for m in messages)
 
 
 def test_signal_storm_is_never_fatal_and_stop_wins(home: Path) -> None:

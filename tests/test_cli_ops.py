@@ -424,6 +424,7 @@ def test_config_check(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "valid agent configuration" in proc.stdout
     proc = run("config", "check", str(agent_toml))  # an agent file is not a manager file
     assert proc.returncode == 2 and "agent" in one_line_error(proc)
+    assert "check an agent configuration with --agent" in one_line_error(proc)
     agent_toml.write_text(
         f'home = "{tmp_path}"\n[agent]\nid = 5\n[manager.options]\nheartbeat = 0\n'
     )

@@ -191,3 +191,15 @@ def test_the_user_guide_explains_every_code_of_the_catalogue(
         text = message(code).strip().rstrip(":")
         if text:
             assert rows[int(code)] == text, f"{heading} {int(code)}: {rows[int(code)]!r}"
+
+
+def test_contrib_example_configurations_are_valid() -> None:
+    """contrib/config's example files load with the daemons' own checks (the schemas and the
+    options of every driver they name)."""
+    from wpk_upgrade.cli_ops import check_agent_config, check_manager_config
+
+    contrib = Path(__file__).resolve().parents[1] / "contrib" / "config"
+    manager = check_manager_config(str(contrib / "manager.toml"))
+    assert manager["home"] == "/var/lib/wpk-upgrade"
+    agent = check_agent_config(str(contrib / "agent.toml"))
+    assert agent["agent"]["id"] == 5 and agent["logging"]["format"] == "text"

@@ -906,6 +906,21 @@ def check_agent_config(path: str) -> dict[str, Any]:
     return dict(_plain(config))
 
 
+def _kind_hint(path: str, is_agent: bool) -> str:
+    """A hint when FILE looks like the other kind of configuration than the one checked."""
+    from .config import read_toml
+
+    try:
+        data = read_toml(path)
+    except WpkUpgradeError:
+        return ""
+    if not is_agent and isinstance(data.get("agent"), dict):
+        return " (the file has an [agent] table: check an agent configuration with --agent)"
+    if is_agent and "agent" not in data and isinstance(data.get("store"), dict):
+        return " (the file has a [store] table: a manager configuration is checked without --agent)"
+    return ""
+
+
 @click.group("config")
 def config_group() -> None:
     """Configuration files."""
@@ -922,7 +937,7 @@ def config_check_cmd(file: str, is_agent: bool, as_json: bool) -> None:
     try:
         effective = check_agent_config(file) if is_agent else check_manager_config(file)
     except WpkUpgradeError as exc:
-        _fail(str(exc), EXIT_USAGE)
+        _fail(str(exc) + _kind_hint(file, is_agent), EXIT_USAGE)
     if as_json:
         emit_json(effective)
     else:

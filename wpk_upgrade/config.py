@@ -168,7 +168,8 @@ class MetricsSection:
 
 @dataclass(frozen=True)
 class LoggingSection:
-    """``[logging]``: the manager's log level, line format and optional file (under home)."""
+    """``[logging]`` of the manager and of the agent: log level, line format (``text`` or
+    ``json``) and an optional file (relative to home) besides stderr."""
 
     level: str = "INFO"
     format: str = "text"
@@ -316,7 +317,9 @@ class _MetricsSchema(Schema):
         return MetricsSection(**data)
 
 
-class _LoggingSchema(Schema):
+class LoggingSchema(Schema):
+    """``[logging]`` (manager and agent alike)."""
+
     level = fields.String(
         load_default="INFO",
         validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]),
@@ -343,7 +346,7 @@ class ManagerConfigSchema(Schema):
     sources = fields.Dict(keys=fields.String(), values=fields.Dict(), load_default=dict)
     api = fields.Nested(_ApiSchema, load_default=lambda: ApiSection())
     metrics = fields.Nested(_MetricsSchema, load_default=lambda: MetricsSection())
-    logging = fields.Nested(_LoggingSchema, load_default=lambda: LoggingSection())
+    logging = fields.Nested(LoggingSchema, load_default=lambda: LoggingSection())
 
     @post_load
     def make(self, data: dict[str, Any], **_: Any) -> ManagerConfig:

@@ -1,4 +1,5 @@
-"""Process logging of the manager: text or JSON lines, secrets redacted, one line per task event.
+"""Process logging of the manager and the agent: text or JSON lines, secrets redacted, one line
+per task event.
 
 Library code never configures logging (DESIGN.md §5); the daemon's process shell calls
 ``configure_logging`` once the configuration is read. What it installs:
@@ -73,11 +74,14 @@ def ids_of(record: logging.LogRecord, message: str) -> dict[str, int]:
     return found
 
 
-class TextFormatter(logging.Formatter):
-    """``time level logger: message``, redacted."""
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-    def __init__(self, redactor: Redactor) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+class TextFormatter(logging.Formatter):
+    """``time level logger: message`` (or another ``%``-style layout), redacted."""
+
+    def __init__(self, redactor: Redactor, layout: str = TEXT_FORMAT) -> None:
+        super().__init__(layout)
         self.redactor = redactor
 
     def format(self, record: logging.LogRecord) -> str:
@@ -114,12 +118,16 @@ def configure_logging(
     fmt: str = "text",
     file: str | Path | None = None,
     secrets: Iterable[str] = (),
+    text_layout: str = TEXT_FORMAT,
+    record_filter: logging.Filter | None = None,
 ) -> None:
     """Install the process's log handlers (replacing any installed before by this function
-    or by ``logging.basicConfig``)."""
+    or by ``logging.basicConfig``). ``text_layout`` is the ``text`` format's line layout;
+    ``record_filter`` (the agent's, which stamps its id on every record) goes on each
+    handler."""
     redactor = Redactor(secrets)
     formatter: logging.Formatter = (
-        JsonFormatter(redactor) if fmt == "json" else TextFormatter(redactor)
+        JsonFormatter(redactor) if fmt == "json" else TextFormatter(redactor, text_layout)
     )
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if file is not None:
@@ -134,6 +142,8 @@ def configure_logging(
     _INSTALLED.clear()
     for handler in handlers:
         handler.setFormatter(formatter)
+        if record_filter is not None:
+            handler.addFilter(record_filter)
         root.addHandler(handler)
         _INSTALLED.append(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))

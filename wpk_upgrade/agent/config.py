@@ -24,7 +24,7 @@ from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
-from ..config import load, parse_duration
+from ..config import LoggingSchema, LoggingSection, load, parse_duration
 
 DEFAULT_CA_STORE = "etc/wpk_root.pem"
 
@@ -114,14 +114,6 @@ class UpgradeSection:
     installer_timeout: float = 60.0
     max_restart_lock: float = 600.0
     ca_verification: CaVerification = field(default_factory=CaVerification)
-
-
-@dataclass(frozen=True)
-class LoggingSection:
-    """``[logging]``: level, and an optional log file (relative to home) besides stderr."""
-
-    level: str = "INFO"
-    file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -270,18 +262,6 @@ class _UpgradeSchema(Schema):
         return UpgradeSection(**data)
 
 
-class _LoggingSchema(Schema):
-    level = fields.String(
-        load_default="INFO",
-        validate=validate.OneOf(["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]),
-    )
-    file = fields.String(load_default=None, allow_none=True)
-
-    @post_load
-    def make(self, data: dict[str, Any], **_: Any) -> LoggingSection:
-        return LoggingSection(**data)
-
-
 class AgentConfigSchema(Schema):
     """The agent's TOML file (see the module docstring and docs/configuration.md)."""
 
@@ -289,7 +269,7 @@ class AgentConfigSchema(Schema):
     agent = fields.Nested(_AgentSchema, required=True)
     manager = fields.Nested(_ManagerSchema, load_default=lambda: ManagerSection())
     upgrade = fields.Nested(_UpgradeSchema, load_default=lambda: UpgradeSection())
-    logging = fields.Nested(_LoggingSchema, load_default=lambda: LoggingSection())
+    logging = fields.Nested(LoggingSchema, load_default=lambda: LoggingSection())
     max_message_size = fields.Integer(
         load_default=65536, strict=True, validate=validate.Range(1024, 1 << 26)
     )

@@ -41,6 +41,7 @@ from typing import Any
 from ..drivers import TRANSPORTS, driver_class, load_options
 from ..errors import ConfigError, WpkUpgradeError
 from ..interfaces import ManagerChannel, Transport
+from ..logging_setup import configure_logging as configure_process_logging
 from ..wpk import remove_stale
 from .commands import CA_DISABLED_WARNING, CommandHandler, RestartLock
 from .config import AgentConfig, load_agent_config
@@ -275,21 +276,22 @@ class _AgentIdFilter(logging.Filter):
         return True
 
 
+AGENT_TEXT_LAYOUT = (
+    "%(asctime)s wpk-agent[%(process)d] agent=%(agent_id)s %(levelname)s %(name)s: %(message)s"
+)
+
+
 def configure_logging(config: AgentConfig) -> None:
-    """stderr (and the optional log file) with the agent id on every line."""
-    fmt = logging.Formatter(
-        "%(asctime)s wpk-agent[%(process)d] agent=%(agent_id)s %(levelname)s %(name)s: %(message)s"
+    """stderr (and the optional log file) from ``[logging]``, the agent id on every line:
+    ``text`` lines name it (``agent=5``), ``json`` objects carry it as ``agent_id``."""
+    section = config.logging
+    configure_process_logging(
+        level=section.level,
+        fmt=section.format,
+        file=config.log_file,
+        text_layout=AGENT_TEXT_LAYOUT,
+        record_filter=_AgentIdFilter(config.agent.id),
     )
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if config.log_file is not None:
-        config.log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(config.log_file))
-    root = logging.getLogger()
-    for handler in handlers:
-        handler.setFormatter(fmt)
-        handler.addFilter(_AgentIdFilter(config.agent.id))
-        root.addHandler(handler)
-    root.setLevel(config.logging.level)
 
 
 #: The signals the daemon handles; blocked whenever no handler of ours is installed.
