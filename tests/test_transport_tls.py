@@ -124,6 +124,27 @@ def test_agent_with_its_certificate_connects_and_answers(
     h.wait_for(lambda: h.store.get_agent(1).connection_status == "disconnected")
 
 
+def test_tls_read_buffer_sizes_asyncio_buffer_and_traffic_flows(
+    make_harness: MakeNode, lab_pki: Pki
+) -> None:
+    """``tls_read_buffer`` (manager side) is the read buffer of every TLS connection asyncio
+    opens in the manager process (bench P5: 256 KiB each by default); replies larger than
+    the buffer still arrive whole."""
+    from asyncio import sslproto
+
+    h = tls_node(make_harness, lab_pki, tls_read_buffer=8192)
+    assert sslproto.SSLProtocol.max_size == 8192
+    with TlsAgent(h, agent_info(1), Sim(), **lab_pki.agent_options(1)) as agent:
+        link = h.manager.hub.link(1)
+        assert link is not None
+        payload = "x" * 100_000
+        assert h.run(link.request("com", f"lock_restart {payload}", 10)) == "ok "
+        assert agent.received == [("com", f"lock_restart {payload}")]
+    with pytest.raises(ConfigError, match="tls_read_buffer"):
+        options(tls_read_buffer=100)
+    assert options().tls_read_buffer == 16384
+
+
 def test_agent_by_server_name(make_harness: MakeNode, lab_pki: Pki) -> None:
     """The manager certificate is checked against ``server_name`` (here ``localhost``)."""
     h = tls_node(make_harness, lab_pki)

@@ -16,6 +16,11 @@ Both sides authenticate with certificates:
   an expired one is still applied, with a warning.
 
 TLS 1.2 is the minimum version.
+
+``set_read_buffer`` sizes asyncio's per-connection TLS read buffer for the manager process:
+``asyncio.sslproto.SSLProtocol`` allocates ``max_size`` bytes (256 KiB, zero-filled, so
+resident) for every TLS connection, which dominates a manager's memory with thousands of
+agents connected (bench P5); what the manager reads from agents is small replies.
 """
 
 from __future__ import annotations
@@ -36,6 +41,16 @@ from wpk_upgrade.errors import ConfigError
 log = logging.getLogger(__name__)
 
 AGENT_CN = re.compile(r"^agent:(\d{1,9})$")
+
+
+def set_read_buffer(size: int) -> None:
+    """Every TLS connection asyncio makes in this process from now on reads through a
+    ``size``-byte buffer (``SSLProtocol.max_size``; the ones already open keep theirs)."""
+    from asyncio import sslproto
+
+    if getattr(sslproto.SSLProtocol, "max_size", None) != size:
+        sslproto.SSLProtocol.max_size = size
+        log.debug("asyncio TLS read buffer: %d bytes per connection", size)
 
 
 def agent_common_name(agent_id: int) -> str:

@@ -20,6 +20,8 @@ Options (``[transport] options`` on the manager, ``[manager] options`` on an age
 ``crl``             manager    revocation list of the agent CA (PEM or DER), re-read on change
 ``server_name``     agent      name the manager certificate must carry (default: ``address``)
 ``backlog``         manager    listen backlog (default 1024; many agents connect at once)
+``tls_read_buffer`` manager    bytes of asyncio's TLS read buffer per connection (default
+                               16384; asyncio's own is 256 KiB, allocated for every agent)
 ==================  =========  ===============================================================
 
 Mutual TLS (``tls.py``) is on when certificates are configured (``tls`` unset) or when
@@ -100,6 +102,7 @@ class TcpOptions:
     crl: str | None = None
     server_name: str | None = None
     backlog: int = 1024
+    tls_read_buffer: int = 16384
 
     @property
     def tls_enabled(self) -> bool:
@@ -124,6 +127,9 @@ class TcpOptionsSchema(Schema):
     crl = fields.String(load_default=None, allow_none=True)
     server_name = fields.String(load_default=None, allow_none=True)
     backlog = fields.Integer(load_default=1024, validate=validate.Range(1, 65535))
+    tls_read_buffer = fields.Integer(
+        load_default=16384, strict=True, validate=validate.Range(4096, 1 << 20)
+    )
 
     @validates_schema
     def check(self, data: dict[str, Any], **_: Any) -> None:
@@ -302,6 +308,7 @@ class TcpTransport(Transport):
         opts = self.options
         if opts.tls_enabled:
             self._ssl = tls.server_context(opts.ca, opts.cert, opts.key)
+            tls.set_read_buffer(opts.tls_read_buffer)
             if opts.crl:
                 if not Path(opts.crl).is_file():
                     raise ConfigError(f"tcp transport: crl {opts.crl} does not exist")
