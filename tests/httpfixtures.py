@@ -7,6 +7,8 @@
   require basic authentication.
 * ``ForwardProxy``: a minimal HTTP proxy (absolute-URI ``GET`` relay and ``CONNECT`` tunnel)
   that records what it was asked.
+* ``closed_port()``, ``Seen``: from ``wpk_upgrade.testing.loopback``, which also runs the
+  servers (threaded, TLS, recording).
 
 Imported by the test modules (not collected: no ``test_`` prefix).
 """
@@ -18,19 +20,34 @@ import http.client
 import ipaddress
 import select
 import socket
-import ssl
-import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Self
 from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from wpk_upgrade.testing.loopback import (
+    LoopbackHandler,
+    LoopbackHTTPServer,
+    LoopbackServer,
+    Seen,
+    closed_port,
+)
+
+__all__ = [
+    "Behaviour",
+    "ForwardProxy",
+    "RepoServer",
+    "Seen",
+    "TlsFiles",
+    "closed_port",
+    "make_tls",
+]
 
 
 @dataclass(frozen=True)
@@ -131,28 +148,15 @@ class Behaviour:
     basic_auth: str | None = None  # expected "Basic ..." header value
 
 
-@dataclass(frozen=True)
-class Seen:
-    """One request a server received."""
-
-    method: str
-    path: str
-    headers: dict[str, str]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+class _Handler(LoopbackHandler):
+    server: LoopbackHTTPServer[RepoServer]
 
     def do_GET(self) -> None:
-        srv = self.server
+        repo = self.server.owner
         path = urlsplit(self.path).path
-        srv.record(Seen("GET", path, {k.lower(): v for k, v in self.headers.items()}))
-        b = srv.behaviour
-        with srv.lock:
+        repo.record(Seen("GET", path, self.lower_headers()))
+        b = repo.behaviour
+        with repo.lock:
             stall = b.stall_first > 0
             if stall:
                 b.stall_first -= 1
@@ -167,129 +171,43 @@ class _Handler(BaseHTTPRequestHandler):
         if b.basic_auth is not None and self.headers.get("Authorization") != b.basic_auth:
             return self._status(401)
         if path in b.redirects:
-            self.send_response(302)
-            self.send_header("Location", b.redirects[path])
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return None
+            return self.send_status(302, {"Location": b.redirects[path]})
         if path in b.statuses:
             return self._status(b.statuses[path])
         if fail:
             return self._status(500)
-        target = srv.root.joinpath(*[p for p in path.split("/") if p])
+        target = repo.root.joinpath(*[p for p in path.split("/") if p])
         if ".." in path.split("/") or not target.is_file():
             return self._status(404)
-        data = target.read_bytes()
-        start = _range_start(self.headers.get("Range"))
-        if start is not None and not b.ignore_range:
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return None
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-            body = data[start:]
-        else:
-            self.send_response(200)
-            body = data
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Content-Type", "application/octet-stream")
-        self.end_headers()
-        if path.endswith(".wpk") and b.body_delay:
-            time.sleep(b.body_delay)
-        if drop:
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            return None
-        self.wfile.write(body)
-        return None
+        return self.send_bytes(
+            target.read_bytes(),
+            use_range=not b.ignore_range,
+            content_type="application/octet-stream",
+            body_delay=b.body_delay if path.endswith(".wpk") else 0.0,
+            cut=drop,
+        )
 
     def _status(self, code: int) -> None:
-        body = f"status {code}\n".encode()
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.send_status(code, body=f"status {code}\n".encode())
 
 
-def _range_start(value: str | None) -> int | None:
-    if not value or not value.startswith("bytes="):
-        return None
-    first = value[len("bytes=") :].split("-", 1)[0]
-    return int(first) if first.isdigit() else None
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    root: Path
-    behaviour: Behaviour
-    lock: threading.Lock
-    seen: list[Seen]
-
-    def record(self, seen: Seen) -> None:
-        with self.lock:
-            self.seen.append(seen)
-
-
-class RepoServer:
+class RepoServer(LoopbackServer):
     """A directory served over HTTP or HTTPS on 127.0.0.1 (a context manager)."""
 
     def __init__(self, root: Path, tls: TlsFiles | None = None) -> None:
+        chain = None if tls is None else (tls.server_cert, tls.server_key)
+        super().__init__(_Handler, cert_chain=chain)
         self.root = root
         self.tls = tls
         self.behaviour = Behaviour()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> RepoServer:
+    def start(self) -> Self:
         self.root.mkdir(parents=True, exist_ok=True)
-        srv = _Server(("127.0.0.1", 0), _Handler)
-        srv.root, srv.behaviour, srv.lock, srv.seen = (
-            self.root,
-            self.behaviour,
-            threading.Lock(),
-            [],
-        )
-        if self.tls is not None:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(self.tls.server_cert, self.tls.server_key)
-            srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
-        self._server = srv
-        self._thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
-        self._thread.daemon = True
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> RepoServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.server_address[1])
+        return super().start()
 
     @property
     def base_url(self) -> str:
-        scheme = "https" if self.tls is not None else "http"
-        return f"{scheme}://127.0.0.1:{self.port}/"
-
-    @property
-    def requests(self) -> list[Seen]:
-        assert self._server is not None
-        with self._server.lock:
-            return list(self._server.seen)
+        return self.url + "/"
 
     def count(self, suffix: str) -> int:
         """How many requests asked for a path ending in ``suffix``."""
@@ -302,25 +220,15 @@ class RepoServer:
         target.write_bytes(data)
 
 
-def closed_port() -> int:
-    """A loopback TCP port with nothing listening (bound then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # --------------------------------------------------------------------------- proxy
 
 
-class _ProxyHandler(BaseHTTPRequestHandler):
-    server: _ProxyServer
+class _ProxyHandler(LoopbackHandler):
+    server: LoopbackHTTPServer[ForwardProxy]
     protocol_version = "HTTP/1.0"
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
     def do_CONNECT(self) -> None:
-        self.server.record(Seen("CONNECT", self.path, dict(self.headers.items())))
+        self.server.owner.record(Seen("CONNECT", self.path, dict(self.headers.items())))
         host, _, port = self.path.rpartition(":")
         try:
             upstream = socket.create_connection((host, int(port)), timeout=10)
@@ -352,7 +260,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         self.close_connection = True
 
     def do_GET(self) -> None:
-        self.server.record(Seen("GET", self.path, dict(self.headers.items())))
+        self.server.owner.record(Seen("GET", self.path, dict(self.headers.items())))
         parts = urlsplit(self.path)
         conn = http.client.HTTPConnection(parts.hostname or "", parts.port or 80, timeout=10)
         try:
@@ -374,43 +282,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             conn.close()
 
 
-class _ProxyServer(ThreadingHTTPServer):
-    daemon_threads = True
-    lock: threading.Lock
-    seen: list[Seen]
-
-    def record(self, seen: Seen) -> None:
-        with self.lock:
-            self.seen.append(seen)
-
-
-class ForwardProxy:
+class ForwardProxy(LoopbackServer):
     """A recording HTTP forward proxy on 127.0.0.1 (a context manager)."""
 
     def __init__(self) -> None:
-        self._server: _ProxyServer | None = None
-
-    def __enter__(self) -> ForwardProxy:
-        srv = _ProxyServer(("127.0.0.1", 0), _ProxyHandler)
-        srv.lock, srv.seen = threading.Lock(), []
-        self._server = srv
-        t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
-        t.daemon = True
-        t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-
-    @property
-    def url(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    @property
-    def requests(self) -> list[Seen]:
-        assert self._server is not None
-        with self._server.lock:
-            return list(self._server.seen)
+        super().__init__(_ProxyHandler)

@@ -7,7 +7,8 @@
 * ``BucketStore``: the contract suite's ``RepoStore`` on a bucket and prefix (``PutObject``).
 * ``S3Proxy``: a recording reverse proxy in front of moto (optionally over TLS): counts what the
   source really asked (``GetObject`` of a key, ``Range``, ``If-Match``) and can cut the first
-  N WPK bodies half-way, delay them, or run a hook at the cut.
+  N WPK bodies half-way, delay them, or run a hook at the cut (a
+  ``wpk_upgrade.testing.loopback.LoopbackServer``).
 * ``aws_test_environment``: hermetic AWS settings (test credentials, no shared files, no
   instance metadata, no proxies for loopback).
 
@@ -20,14 +21,12 @@ import contextlib
 import http.client
 import json
 import logging
-import ssl
 import threading
 import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -35,6 +34,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from httpfixtures import TlsFiles
 
+from wpk_upgrade.testing.loopback import LoopbackHandler, LoopbackHTTPServer, LoopbackServer, Seen
 from wpk_upgrade.testing.source_contract import RepoStore
 
 REGION = "us-east-1"
@@ -144,15 +144,6 @@ class BucketStore(RepoStore):
 # --------------------------------------------------------------------------- recording proxy
 
 
-@dataclass(frozen=True)
-class Seen:
-    """One request the proxy relayed."""
-
-    method: str
-    path: str
-    headers: dict[str, str]
-
-
 @dataclass
 class ProxyBehaviour:
     """How an ``S3Proxy`` misbehaves; counters decrease as they are used."""
@@ -168,12 +159,8 @@ class ProxyBehaviour:
 _HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _ProxyServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+class _Handler(LoopbackHandler):
+    server: LoopbackHTTPServer[S3Proxy]
 
     def do_GET(self) -> None:
         self._relay()
@@ -185,13 +172,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._relay()
 
     def _relay(self) -> None:
-        srv = self.server
-        b = srv.behaviour
+        proxy = self.server.owner
+        b = proxy.behaviour
         path = unquote(urlsplit(self.path).path)
-        headers = {k.lower(): v for k, v in self.headers.items()}
         is_wpk_get = self.command == "GET" and path.endswith(".wpk")
-        with srv.lock:
-            b.seen.append(Seen(self.command, path, headers))
+        with proxy.lock:
+            b.seen.append(Seen(self.command, path, self.lower_headers()))
             stall = b.stall_first > 0
             if stall:
                 b.stall_first -= 1
@@ -202,7 +188,7 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(b.stall_seconds)
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
-        upstream = http.client.HTTPConnection("127.0.0.1", srv.upstream_port, timeout=30)
+        upstream = http.client.HTTPConnection("127.0.0.1", proxy.moto.port, timeout=30)
         try:
             forwarded = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
             upstream.request(self.command, self.path, body=body, headers=forwarded)
@@ -221,64 +207,32 @@ class _Handler(BaseHTTPRequestHandler):
         if is_wpk_get and b.body_delay:
             time.sleep(b.body_delay)
         if cut and resp.status < 300:
-            self.wfile.write(data[: len(data) // 2])
-            self.wfile.flush()
-            self.close_connection = True
+            self.send_cut(data)
             if b.on_cut is not None:
                 b.on_cut()
             return
         self.wfile.write(data)
 
 
-class _ProxyServer(ThreadingHTTPServer):
-    daemon_threads = True
-    upstream_port: int
-    behaviour: ProxyBehaviour
-    lock: threading.Lock
-
-
-class S3Proxy:
+class S3Proxy(LoopbackServer):
     """A recording reverse proxy to ``moto`` on 127.0.0.1 (HTTPS with ``tls``)."""
 
     def __init__(self, moto: MotoS3, tls: TlsFiles | None = None) -> None:
+        chain = None if tls is None else (tls.server_cert, tls.server_key)
+        super().__init__(_Handler, cert_chain=chain)
         self.moto = moto
         self.tls = tls
         self.behaviour = ProxyBehaviour()
-        self._server: _ProxyServer | None = None
-
-    def __enter__(self) -> S3Proxy:
-        srv = _ProxyServer(("127.0.0.1", 0), _Handler)
-        srv.upstream_port, srv.behaviour, srv.lock = (
-            self.moto.port,
-            self.behaviour,
-            threading.Lock(),
-        )
-        if self.tls is not None:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(self.tls.server_cert, self.tls.server_key)
-            srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
-        self._server = srv
-        thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
-        thread.daemon = True
-        thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
 
     @property
     def endpoint_url(self) -> str:
-        assert self._server is not None
-        scheme = "https" if self.tls is not None else "http"
-        return f"{scheme}://127.0.0.1:{self._server.server_address[1]}"
+        return self.url
 
     @property
     def requests(self) -> list[Seen]:
-        assert self._server is not None
-        with self._server.lock:
+        """Every request relayed since this proxy was made (kept in ``behaviour.seen``)."""
+        assert self.running, "the proxy is not started"
+        with self.lock:
             return list(self.behaviour.seen)
 
     def gets(self, bucket: str, key_suffix: str) -> list[Seen]:

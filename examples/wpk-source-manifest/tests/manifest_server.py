@@ -3,37 +3,38 @@ contract suite's publisher for it. Real sockets on 127.0.0.1, no mocks.
 
 * ``WebServer``: serves in-memory files over HTTP or HTTPS (``Range`` supported), records
   every request, and can cut the first N WPK bodies half-way, answer 500 to the first N
-  requests, or redirect a path.
+  requests, or redirect a path (a ``wpk_upgrade.testing.loopback.LoopbackServer``).
 * ``ManifestPublisher``: the ``WpkPublisher`` of ``wpk_upgrade.testing.source_contract``: puts
   a WPK on the server and (re)writes ``manifest.json`` to list it. It maps agents to manifest
   keys with its own table, independent of the plugin's code.
 * ``lab_tls``: a CA and a server certificate for 127.0.0.1 (the kernel's ``pki`` module).
+* ``closed_port``: a loopback port nothing listens on (from ``wpk_upgrade.testing.loopback``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import socket
-import ssl
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 from wpk_upgrade import pki
 from wpk_upgrade.interfaces import WpkQuery
+from wpk_upgrade.testing import loopback
+from wpk_upgrade.testing.loopback import Seen, closed_port
 from wpk_upgrade.testing.source_contract import WpkPublisher
 
-
-@dataclass(frozen=True)
-class Seen:
-    """One request the server received."""
-
-    path: str
-    headers: dict[str, str]
+__all__ = [
+    "Behaviour",
+    "ManifestPublisher",
+    "Seen",
+    "WebServer",
+    "closed_port",
+    "lab_tls",
+    "manifest_key",
+]
 
 
 @dataclass
@@ -46,136 +47,59 @@ class Behaviour:
     body_delay: float = 0.0  # seconds before a *.wpk body (to overlap clients)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+class _Handler(loopback.LoopbackHandler):
+    server: loopback.LoopbackHTTPServer[WebServer]
 
     def do_GET(self) -> None:
-        srv = self.server
+        web = self.server.owner
         path = urlsplit(self.path).path
-        b = srv.behaviour
-        with srv.lock:
-            srv.seen.append(Seen(path, {k.lower(): v for k, v in self.headers.items()}))
+        b = web.behaviour
+        with web.lock:
+            web.seen.append(Seen("GET", path, self.lower_headers()))
             fail = b.fail_first > 0
             if fail:
                 b.fail_first -= 1
             cut = path.endswith(".wpk") and b.cut_first > 0 and not fail
             if cut:
                 b.cut_first -= 1
-            data = srv.files.get(path)
+            data = web.files.get(path)
         if fail:
-            return self._empty(500)
+            return self.send_status(500)
         if path in b.redirects:
-            return self._empty(302, {"Location": b.redirects[path]})
+            return self.send_status(302, {"Location": b.redirects[path]})
         if data is None:
-            return self._empty(404)
-        status, body, extra = 200, data, {}
-        start = _range_start(self.headers.get("Range"))
-        if start is not None:
-            if start >= len(data):
-                return self._empty(416, {"Content-Range": f"bytes */{len(data)}"})
-            status, body = 206, data[start:]
-            extra["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        self.send_response(status)
-        for k, v in extra.items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if path.endswith(".wpk") and b.body_delay:
-            threading.Event().wait(b.body_delay)
-        if cut:
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
-            self.close_connection = True
-            return None
-        self.wfile.write(body)
-        return None
-
-    def _empty(self, status: int, headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+            return self.send_status(404)
+        return self.send_bytes(
+            data, body_delay=b.body_delay if path.endswith(".wpk") else 0.0, cut=cut
+        )
 
 
-def _range_start(value: str | None) -> int | None:
-    if not value or not value.startswith("bytes="):
-        return None
-    first = value[len("bytes=") :].split("-", 1)[0]
-    return int(first) if first.isdigit() else None
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    files: dict[str, bytes]
-    behaviour: Behaviour
-    lock: threading.Lock
-    seen: list[Seen]
-
-
-class WebServer:
+class WebServer(loopback.LoopbackServer):
     """In-memory files over HTTP(S) on 127.0.0.1 (a context manager)."""
 
     def __init__(self, tls: tuple[Path, Path] | None = None) -> None:
+        super().__init__(_Handler, cert_chain=tls)
         self.tls = tls  # (certificate, key)
         self.behaviour = Behaviour()
-        self._server: _Server | None = None
+        self.files: dict[str, bytes] = {}
 
-    def __enter__(self) -> WebServer:
-        srv = _Server(("127.0.0.1", 0), _Handler)
-        srv.files, srv.behaviour, srv.lock, srv.seen = {}, self.behaviour, threading.Lock(), []
-        if self.tls is not None:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(*self.tls)
-            srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
-        self._server = srv
-        thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
-        thread.daemon = True
-        thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    @property
-    def url(self) -> str:
-        """``http(s)://127.0.0.1:<port>`` (no trailing slash)."""
-        assert self._server is not None
-        scheme = "https" if self.tls is not None else "http"
-        return f"{scheme}://127.0.0.1:{self._server.server_address[1]}"
+    def start(self) -> Self:
+        with self.lock:
+            self.files = {}
+        return super().start()
 
     def put(self, path: str, data: bytes) -> None:
-        assert self._server is not None
-        with self._server.lock:
-            self._server.files[path] = data
+        assert self.running
+        with self.lock:
+            self.files[path] = data
 
     def delete(self, path: str) -> None:
-        assert self._server is not None
-        with self._server.lock:
-            self._server.files.pop(path, None)
-
-    @property
-    def requests(self) -> list[Seen]:
-        assert self._server is not None
-        with self._server.lock:
-            return list(self._server.seen)
+        assert self.running
+        with self.lock:
+            self.files.pop(path, None)
 
     def count(self, path: str) -> int:
         return sum(1 for r in self.requests if r.path == path)
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def lab_tls(directory: Path) -> tuple[Path, Path, Path]:
