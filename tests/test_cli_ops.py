@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from wpk_upgrade import cli, cli_ops, pki, wpk
+from wpk_upgrade import cli, cli_ca, cli_ops, pki, wpk
 from wpk_upgrade.models import AgentInfo
 from wpk_upgrade.testing.harness import ManagerHarness, ScriptedAgent, json_agent
 
@@ -432,6 +432,53 @@ def test_config_check(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "manager.options" in one_line_error(proc)
     proc = run("config", "check", str(tmp_path / "missing.toml"))
     assert proc.returncode == 2 and "not found" in one_line_error(proc)
+
+
+def test_config_check_loads_the_certificates_the_transport_names(tmp_path: Path) -> None:
+    """A certificate, key or CA that is missing or is no certificate fails the check (as it
+    would fail the daemon's start), naming the file; an agent process does not start."""
+    ca_dir = tmp_path / "tls"
+    cli_ca.init_ca(ca_dir)
+    cli_ca.issue_manager(ca_dir, tmp_path / "mgr", ["127.0.0.1"])
+    cli_ca.issue_agent(ca_dir, 5, tmp_path / "agent5")
+    ca = ca_dir / "ca.pem"
+    manager = tmp_path / "manager.toml"
+
+    def manager_with(**opts: str) -> subprocess.CompletedProcess[str]:
+        table = ", ".join(f'{k} = "{v}"' for k, v in opts.items())
+        manager.write_text(f'home = "{tmp_path}"\n[transport]\noptions = {{ {table} }}\n')
+        return run("config", "check", str(manager))
+
+    mgr = tmp_path / "mgr"
+    good = {"ca": str(ca), "cert": str(mgr / "manager.pem"), "key": str(mgr / "manager.key")}
+    assert manager_with(**good).returncode == 0
+    proc = manager_with(**{**good, "ca": str(tmp_path / "nope" / "ca.pem")})
+    assert proc.returncode == 2 and "nope/ca.pem" in one_line_error(proc)
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    proc = manager_with(**{**good, "cert": str(tmp_path / "junk.pem")})
+    assert proc.returncode == 2 and "cannot load cert" in one_line_error(proc)
+    proc = manager_with(**{**good, "crl": str(tmp_path / "junk.pem")})
+    assert proc.returncode == 2 and "is not a CRL" in one_line_error(proc)
+
+    agent = tmp_path / "agent.toml"
+    missing_cert = tmp_path / "gone.pem"
+    agent.write_text(
+        f'home = "{tmp_path / "agent-home"}"\n[agent]\nid = 5\n[manager]\n'
+        f'options = {{ ca = "{ca}", cert = "{missing_cert}", '
+        f'key = "{tmp_path / "agent5" / "agent.key"}" }}\n'
+    )
+    proc = run("config", "check", "--agent", str(agent))
+    assert proc.returncode == 2 and "gone.pem" in one_line_error(proc)
+    daemon = subprocess.run(
+        [sys.executable, "-m", "wpk_upgrade.agent", "--config", str(agent)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert daemon.returncode == 2, daemon.stderr
+    assert daemon.stderr.count("\n") == 1 and "gone.pem" in daemon.stderr
+    assert "Traceback" not in daemon.stderr
 
 
 # --------------------------------------------------------------------------- admin socket

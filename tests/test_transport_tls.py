@@ -487,3 +487,23 @@ def test_agent_id_of_certificates(lab_pki: Pki) -> None:
     assert tcp_tls.agent_id_of(pki.load_certificate(lab_pki.agents[3].cert)) == 3
     assert tcp_tls.agent_id_of(pki.load_certificate(lab_pki.manager.cert)) is None
     assert tcp_tls.agent_common_name(7) == "agent:007"
+
+
+def test_plain_tcp_beyond_loopback_is_warned(caplog: pytest.LogCaptureFixture) -> None:
+    """Plain TCP lets anyone who reaches the port speak as any agent: listening so on another
+    interface than loopback is logged as a warning; on loopback it is not."""
+
+    class NoHub:
+        pass
+
+    async def listen(address: str) -> None:
+        transport = TcpTransport(options(listen=address, tls=False))
+        await transport.serve(NoHub())  # type: ignore[arg-type]
+        await transport.close()
+
+    caplog.set_level(logging.INFO)
+    asyncio.run(listen("127.0.0.1:0"))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    asyncio.run(listen("0.0.0.0:0"))
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "plain TCP on 0.0.0.0" in warned[0]

@@ -886,7 +886,7 @@ def check_manager_config(path: str) -> dict[str, Any]:
 
     config = load_manager_config(path)
     open_store(config)
-    open_transport(config)
+    open_transport(config).check("manager")
     registry = SourceRegistry(config.sources)
     for name in config.sources:
         registry.get(name)
@@ -902,7 +902,7 @@ def check_agent_config(path: str) -> dict[str, Any]:
 
     config = load_agent_config(path)
     cls = driver_class(TRANSPORTS, config.manager.transport)
-    load_options(cls, config.manager.options, "manager.options")
+    cls(load_options(cls, config.manager.options, "manager.options")).check("agent")
     return dict(_plain(config))
 
 

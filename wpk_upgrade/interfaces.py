@@ -18,7 +18,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import IO, Any, ClassVar
+from typing import IO, Any, ClassVar, Literal
 
 from marshmallow import Schema
 
@@ -390,6 +390,13 @@ class Transport(ABC):
 
     def __init__(self, config: Any = None) -> None:
         self.config = config
+
+    def check(self, role: Literal["manager", "agent"]) -> None:
+        """Verify, without connecting or listening, what the options name for ``role``'s side
+        (certificate and key files, addresses): ``ConfigError`` on a fault. Called by
+        ``wpk-upgrade config check`` and by the agent process before it starts. The default
+        checks nothing."""
+        return None
 
     @abstractmethod
     async def serve(self, hub: AgentHub) -> None:

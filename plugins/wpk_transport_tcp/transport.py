@@ -41,13 +41,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
@@ -75,6 +76,16 @@ def split_address(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"expected host:port, got {text!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    """``host`` is a loopback address or ``localhost`` (empty: every interface, not loopback)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _address(value: str) -> None:
@@ -294,6 +305,37 @@ class TcpTransport(Transport):
         self._ssl: ssl.SSLContext | None = None
         self._crl: tls.RevocationList | None = None
 
+    def check(self, role: Literal["manager", "agent"]) -> None:
+        """With TLS: this side's certificate, key and CA load, and (manager) the CRL is a
+        revocation list signed by the agent CA. ``ConfigError`` naming the file otherwise."""
+        opts = self.options
+        if role == "agent":
+            if opts.tls_enabled:
+                tls.client_context(opts.ca, opts.cert, opts.key)
+            return
+        _, crl = self._manager_tls()
+        if crl is not None:
+            try:
+                crl.is_revoked(0)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"tcp transport: crl {opts.crl}: {exc}") from exc
+
+    def _manager_tls(self) -> tuple[ssl.SSLContext | None, tls.RevocationList | None]:
+        """The manager's TLS context and CRL (None, None for plain TCP); ``ConfigError`` when
+        a file is missing or does not load. A CRL that exists but is unusable is not refused
+        here: the manager then refuses every agent (fail closed)."""
+        opts = self.options
+        if not opts.tls_enabled:
+            if opts.crl:
+                raise ConfigError("tcp transport: crl needs TLS (ca, cert and key)")
+            return None, None
+        context = tls.server_context(opts.ca, opts.cert, opts.key)
+        if not opts.crl:
+            return context, None
+        if not Path(opts.crl).is_file():
+            raise ConfigError(f"tcp transport: crl {opts.crl} does not exist")
+        return context, tls.RevocationList(opts.crl, opts.ca)
+
     # ------------------------------------------------------------------ manager side
 
     @property
@@ -306,15 +348,9 @@ class TcpTransport(Transport):
     async def serve(self, hub: AgentHub) -> None:
         host, port = split_address(self.options.listen)
         opts = self.options
-        if opts.tls_enabled:
-            self._ssl = tls.server_context(opts.ca, opts.cert, opts.key)
+        self._ssl, self._crl = self._manager_tls()
+        if self._ssl is not None:
             tls.set_read_buffer(opts.tls_read_buffer)
-            if opts.crl:
-                if not Path(opts.crl).is_file():
-                    raise ConfigError(f"tcp transport: crl {opts.crl} does not exist")
-                self._crl = tls.RevocationList(opts.crl, opts.ca)
-        elif opts.crl:
-            raise ConfigError("tcp transport: crl needs TLS (ca, cert and key)")
 
         async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
@@ -337,6 +373,12 @@ class TcpTransport(Transport):
             self.bound_port,
             "mutual TLS" if self._ssl else "plain TCP, no TLS",
         )
+        if self._ssl is None and not _is_loopback(host):
+            log.warning(
+                "tcp transport: plain TCP on %s: any host that reaches this port can connect "
+                "as any agent; configure ca, cert and key (mutual TLS) or listen on 127.0.0.1",
+                host,
+            )
 
     async def _handshake(self, writer: asyncio.StreamWriter, peer: str) -> int:
         """TLS server handshake; returns the agent id of the client certificate.

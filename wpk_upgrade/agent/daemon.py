@@ -328,9 +328,14 @@ def run_agent(config_path: str | os.PathLike[str], *, setup_logging: bool = True
         except ConfigError as exc:
             print(f"wpk-upgrade agent: {exc}", file=sys.stderr)
             return 2
+        daemon = AgentDaemon(config)
+        try:
+            daemon.load_transport().check("agent")
+        except ConfigError as exc:
+            print(f"wpk-upgrade agent: {config_path}: {exc}", file=sys.stderr)
+            return 2
         if setup_logging:
             configure_logging(config)
-        daemon = AgentDaemon(config)
         try:
             code = asyncio.run(daemon.run())
         except WpkUpgradeError as exc:
