@@ -210,10 +210,14 @@ class ScriptedAgent:
             self.loop,
         )
         if wait:
+            # Both ends: the manager has the link, and the agent has been told it is connected
+            # (its channel is what ``report`` and events go through; the welcome it waits for
+            # may arrive after the manager registered the link).
             self.harness.wait_for(
                 lambda: (
                     self.harness.manager is not None
                     and self.harness.manager.hub.link(self.info.agent_id) is not None
+                    and self.channel is not None
                 ),
                 10,
             )
