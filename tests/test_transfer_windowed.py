@@ -241,6 +241,37 @@ def test_windowed_push_to_the_real_handler(
         assert (agent.config.upgrade_dir / "package.bin").stat().st_size == 200_000
 
 
+@pytest.mark.parametrize("not_ready_wait", [60.0, 0.0])
+def test_an_agent_still_in_its_start_up_check_is_waited_for(
+    make_harness: MakeNode, signer: pki.CertFiles, tmp_path: Path, not_ready_wait: float
+) -> None:
+    """An agent that has just started refuses ``open`` ("not ready", code 1) until its
+    start-up result check opens the gate (30 s by default): windowed pushes wait that out for
+    ``not_ready_wait`` seconds instead of failing after ``open_attempts``; with 0, as the
+    reference, the task ends in error 19."""
+    h = node(make_harness, open_attempts=3, not_ready_wait=not_ready_wait)
+    package = make_wpk(tmp_path, signer, 20_000)
+    with LiveAgent(h.transport_address, 9, tmp_path / "agent") as agent:
+        agent.handler.gate.block()
+        wait_connected(h, 9)
+        custom(h, [9], file_path=str(package.path), installer="upgrade.sh")
+
+        def refused_opens() -> int:
+            return sum(
+                1 for c, reply in list(agent.answered) if c == "open" and '"error":1' in reply
+            )
+
+        if not_ready_wait:
+            h.wait_for(lambda: refused_opens() > 3)  # past open_attempts, still trying
+            agent.loop.call_soon_threadsafe(agent.handler.gate.allow)
+            h.wait_for(agent.installed)
+            assert "error_msg" not in wait_status(h, [9], ["Updating"])[0]
+        else:
+            items = wait_status(h, [9], ["Error"])
+            assert items[0]["error_msg"] == "Send open file error"
+            assert refused_opens() == 3 and not agent.installed()
+
+
 def test_reference_mode_keeps_the_reference_exchange(
     make_harness: MakeNode, signer: pki.CertFiles, tmp_path: Path
 ) -> None:

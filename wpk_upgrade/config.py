@@ -118,6 +118,7 @@ class UpgradeSection:
     window: int = 16
     resume_timeout: float = 300.0
     resume_attempts: int = 5
+    not_ready_wait: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,7 @@ class _UpgradeSchema(Schema):
     window = fields.Integer(load_default=16, validate=validate.Range(1, 256))
     resume_timeout = fields.Float(load_default=300.0, validate=validate.Range(0, 86400))
     resume_attempts = fields.Integer(load_default=5, validate=validate.Range(0, 1000))
+    not_ready_wait = fields.Float(load_default=60.0, validate=validate.Range(0, 3600))
 
     @post_load
     def make(self, data: dict[str, Any], **_: Any) -> UpgradeSection:

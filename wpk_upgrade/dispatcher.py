@@ -97,6 +97,7 @@ class Dispatcher:
             window=config.upgrade.window,
             resume_timeout=config.upgrade.resume_timeout,
             resume_attempts=config.upgrade.resume_attempts,
+            not_ready_wait=config.upgrade.not_ready_wait,
         )
 
     def submit(self, task_id: int) -> None:

@@ -81,6 +81,9 @@ class TransferSettings:
     window: int = 16
     resume_timeout: float = 300.0
     resume_attempts: int = 5
+    #: windowed agents: how long "not ready" answers to ``open`` are waited out (an agent
+    #: that has just started refuses upgrades during its start-up result check, 30 s)
+    not_ready_wait: float = 60.0
 
 
 @dataclass
@@ -426,9 +429,12 @@ class WpkPusher:
     ) -> int:
         """``open`` in resume mode, retried; returns the offset the agent holds.
 
-        ``patient`` (a resume after a lost connection): "not ready" answers (an agent that has
-        just restarted runs its start-up check first) are retried until ``resume_timeout``."""
-        deadline = time.monotonic() + self.settings.resume_timeout
+        "Not ready" answers (an agent that has just started runs its start-up result check
+        first, refusing upgrades meanwhile) are retried for ``not_ready_wait`` seconds, or
+        ``resume_timeout`` when ``patient`` (a resume after a lost connection); other refusals
+        count against ``open_attempts``."""
+        wait = self.settings.resume_timeout if patient else self.settings.not_ready_wait
+        deadline = time.monotonic() + wait
         attempts = 0
         payload = _json_command(
             "open", mode="resume", file=name, size=total, sha1=sha1, sha256=sha256
@@ -444,7 +450,7 @@ class WpkPusher:
                 return int(text)
             if reply.code == UNSUPPORTED_MODE:
                 raise _NoResume()
-            waiting = patient and reply.code == NOT_READY and time.monotonic() < deadline
+            waiting = reply.code == NOT_READY and time.monotonic() < deadline
             if not waiting:
                 attempts += 1
                 if attempts >= self.settings.open_attempts:
