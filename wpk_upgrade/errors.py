@@ -207,12 +207,20 @@ class ProtocolError(WpkUpgradeError):
     """A peer broke the wire format (bad frame, oversized message, unexpected message type)."""
 
 
+#: Longest ``detail`` kept: details quote peers (an agent's answer, a requested path or
+#: version) and end up in log lines, task histories and replies.
+MAX_DETAIL = 1000
+
+
 class CodedError(WpkUpgradeError):
-    """An error that maps to one catalogue code; ``detail`` is our precise reason."""
+    """An error that maps to one catalogue code; ``detail`` is our precise reason (cut to
+    ``MAX_DETAIL`` characters, saying how much was cut)."""
 
     code: IntEnum
 
     def __init__(self, code: IntEnum, detail: str = "") -> None:
+        if len(detail) > MAX_DETAIL:
+            detail = f"{detail[:MAX_DETAIL]}... [{len(detail) - MAX_DETAIL} more characters cut]"
         self.code = code
         self.detail = detail
         super().__init__(self.text + (f" ({detail})" if detail else ""))

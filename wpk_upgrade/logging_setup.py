@@ -34,8 +34,15 @@ from .models import Task, TaskStatus
 
 EVENT_LOGGER = "wpk_upgrade.events"
 MASK = "***"
+#: Longest message a line carries; the rest is cut (after redaction) and counted. Peer text
+#: is already clipped where it is quoted; this bounds whatever slips through.
+MAX_MESSAGE = 4096
 
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*):(?P<pw>[^\s@/]*)@")
+#: A scheme starts where no scheme character precedes it (the lookbehind keeps the search
+#: linear: without it a long run of letters is tried from each of its positions, quadratic).
+_URL_PASSWORD = re.compile(
+    r"(?<![A-Za-z0-9+.\-])(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*):(?P<pw>[^\s@/]*)@"
+)
 _BEARER = re.compile(r"(?i)\b(?P<head>bearer\s+)(?P<tok>[^\s,;\"']+)")
 _TASK_ID = re.compile(r"\btask(?:_id)?[ =:'\"]*(\d+)", re.IGNORECASE)
 _AGENT_ID = re.compile(r"\bagent(?:_id)?[ =:'\"]*(\d+)", re.IGNORECASE)
@@ -77,12 +84,23 @@ def ids_of(record: logging.LogRecord, message: str) -> dict[str, int]:
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [{len(text) - limit} more characters cut]"
+
+
 class TextFormatter(logging.Formatter):
     """``time level logger: message`` (or another ``%``-style layout), redacted."""
 
     def __init__(self, redactor: Redactor, layout: str = TEXT_FORMAT) -> None:
         super().__init__(layout)
         self.redactor = redactor
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = bounded(self.redactor(record.message))
+        return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
         return self.redactor(super().format(record))
@@ -96,7 +114,7 @@ class JsonFormatter(logging.Formatter):
         self.redactor = redactor
 
     def format(self, record: logging.LogRecord) -> str:
-        message = self.redactor(record.getMessage())
+        message = bounded(self.redactor(record.getMessage()))
         stamp = datetime.fromtimestamp(record.created, tz=UTC)
         entry: dict[str, Any] = {
             "time": stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z",

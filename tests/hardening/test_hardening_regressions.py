@@ -8,7 +8,10 @@
   10,000 agents logged 10,000 lines;
 * an exception escaping a socket handler left the client without an answer;
 * the HTTP source retried a malformed URL for 30 s (``InvalidURL`` taken as transient);
-* admin integers beyond 64 bits crashed the store query.
+* admin integers beyond 64 bits crashed the store query;
+* a 65,000-character ``file_path``/``version`` (or an agent's long answer) froze the manager's
+  event loop for tens of seconds: the log redaction's URL pattern was quadratic on a long run of
+  letters, and the text was logged and stored whole.
 """
 
 from __future__ import annotations
@@ -255,6 +258,79 @@ def test_http_source_gives_up_at_once_on_a_malformed_url() -> None:
     with pytest.raises(UpgradeError, match="invalid URL"):
         HttpRepositorySource().read_text("https://bad\x01host/versions", 1000)
     assert time.monotonic() - started < 2
+
+
+# --------------------------------------------------------------------------- long peer text
+
+
+def test_redaction_is_linear_and_lines_are_bounded() -> None:
+    """1 MiB of letters (a quadratic pattern would take hours) is redacted in a child
+    process within a minute; the formatted line is cut, the secret still masked."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging\n"
+        "from wpk_upgrade.logging_setup import JsonFormatter, Redactor, TextFormatter\n"
+        "r = Redactor(['tok-0123456789abcdef'])\n"
+        "for text in ('a' * (1 << 20), 'a:' * (1 << 19), 'ab://' * (1 << 18)):\n"
+        "    r(text)\n"
+        "rec = logging.LogRecord('x', 20, 'f', 1, '%s', ('a' * 100000 + ' tok-0123456789abcdef',),"
+        " None)\n"
+        "for f in (TextFormatter(r), JsonFormatter(r)):\n"
+        "    line = f.format(rec)\n"
+        "    assert len(line) < 5000 and 'more characters cut' in line, len(line)\n"
+        "rec = logging.LogRecord('x', 20, 'f', 1, '%s', ('a' * 4090 + ' tok-0123456789abcdef',),"
+        " None)\n"
+        "assert 'tok-' not in TextFormatter(r).format(rec)\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr
+
+
+def test_coded_error_details_are_cut() -> None:
+    exc = UpgradeError(UpgradeCode.SEND_LOCK_RESTART_ERROR, "agent said: " + "a" * 100_000)
+    assert len(exc.detail) < 1100 and exc.detail.endswith("more characters cut]")
+    assert len(str(exc)) < 1200
+
+
+def test_long_request_text_neither_freezes_nor_floods(
+    harness: ManagerHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connected agent, then a 65,000-character ``file_path`` (the task is created and
+    fails) and ``version``: answered, the stored reason is cut, no formatted line is longer
+    than a few KB, and the socket keeps answering."""
+    from wpk_upgrade.logging_setup import JsonFormatter, Redactor
+    from wpk_upgrade.models import AgentInfo
+    from wpk_upgrade.testing.harness import ScriptedAgent, json_agent
+
+    caplog.set_level(logging.INFO)
+    info = AgentInfo(
+        agent_id=91,
+        version="v4.8.0",
+        os_platform="ubuntu",
+        os_major="22",
+        os_minor="04",
+        os_arch="x86_64",
+    )
+    long_path = "/tmp/" + "a" * 65000 + ".wpk"
+    with ScriptedAgent(harness, info, json_agent()):
+        reply = harness.upgrade(
+            {"command": "upgrade_custom", "parameters": {"agents": [91], "file_path": long_path}}
+        )
+        assert reply["error"] == 0, reply
+        harness.wait_for(lambda: harness.result([91])[0].get("status") == "Error")
+        reply = harness.upgrade(
+            {"command": "upgrade", "parameters": {"agents": [91], "version": "v4." + "9" * 65000}}
+        )
+        assert "error" in reply
+    task_id = harness.result([91])[0]["task_id"]
+    reasons = [h.reason or "" for h in harness.store.history(task_id)]
+    assert reasons and max(len(r) for r in reasons) < 1200, [len(r) for r in reasons]
+    fmt = JsonFormatter(Redactor())
+    assert max(len(fmt.format(r)) for r in caplog.records) < 6000
+    assert harness.result([91])[0]["status"] in ("Error", "In queue", "Updating")
 
 
 # --------------------------------------------------------------------------- installer names
