@@ -396,6 +396,63 @@ def test_self_signed_attacker(lab: dict[str, object], tmp_path: Path) -> None:
     assert wpk.verify(package, None).ca_verified is False
 
 
+def _cross_signed_web(k: int) -> tuple[bytes, rsa.RSAPrivateKey]:
+    """A signer certificate issued by ``CN=loop`` followed by k*k "CA" certificates all named
+    ``CN=loop``, each of the k keys certified by every key: a web in which a depth-first
+    chain search without a budget takes exponential time (k=4: ~20 s, k=5: hours)."""
+    now = datetime.now(UTC)
+    keys = [rsa.generate_private_key(public_exponent=65537, key_size=1024) for _ in range(k)]
+    loop = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "loop")])
+
+    def cert(subject: x509.Name, key: rsa.RSAPrivateKey, by: rsa.RSAPrivateKey, ca: bool):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(loop)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False
+            )
+        return builder.sign(by, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    signer_key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    leaf = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "web signer")])
+    pem = cert(leaf, signer_key, keys[0], False)
+    pem += b"".join(cert(loop, keys[i], keys[j], True) for i in range(k) for j in range(k))
+    return pem, signer_key
+
+
+def test_cross_signed_certificate_web_is_refused_quickly(
+    lab: dict[str, object], tmp_path: Path
+) -> None:
+    """A WPK whose PEM section is a web of cross-signed certificates (found by the hardening
+    review: an agent spent minutes of CPU and growing memory in the chain search, holding its
+    upgrade lock) is refused with 13 after a bounded search; more than 16 intermediates are
+    refused at once."""
+    payload = gzip.compress(mg(INSTALLER))
+    for k, reason in ((4, "within 200 candidate issuers"), (5, "at most 16")):
+        pem, key = _cross_signed_web(k)
+        (tmp_path / f"web{k}.pem").write_bytes(pem)
+        (tmp_path / f"web{k}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        package = build(
+            tmp_path / f"web{k}.wpk", payload, tmp_path / f"web{k}.pem", tmp_path / f"web{k}.key"
+        )
+        err = refused(tmp_path, package, SIG, ca=ca_of(lab))
+        assert reason in err.detail, err.detail
+
+
 def test_pem_section_problems(lab: dict[str, object], tmp_path: Path) -> None:
     payload = gzip.compress(mg(INSTALLER))
     (tmp_path / "garbage.pem").write_bytes(b"this is not a certificate at all")

@@ -118,6 +118,11 @@ MAX_CERT_PEM = 1 << 20
 BLOCK = 1 << 20
 #: Longest chain (signer included) the trust check builds.
 MAX_CHAIN = 10
+#: Most certificates a WPK's PEM section may carry besides its signer (intermediates).
+MAX_EXTRA_CERTS = 16
+#: Most candidate issuers the chain search tries for one WPK: a legitimate chain takes a
+#: handful; a crafted web of cross-signed "CA" certificates would take exponential time.
+MAX_CHAIN_STEPS = 200
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?-----END CERTIFICATE-----", re.S)
 _MEMBER_HEADER = re.compile(rb"!([0-9]{1,19}) (.*)", re.S)
@@ -295,6 +300,12 @@ def _read_header(fh: IO[bytes]) -> WpkHeader:
     certs = _parse_pem_certificates(pem)
     if not certs:
         raise WpkError(_SIG, "no parsable X.509 certificate in the WPK's PEM section")
+    if len(certs) > 1 + MAX_EXTRA_CERTS:
+        raise WpkError(
+            _SIG,
+            f"{len(certs) - 1} intermediate certificates in the PEM section "
+            f"(at most {MAX_EXTRA_CERTS})",
+        )
     signer = certs[0]
     key = signer.public_key()
     if not isinstance(key, rsa.RSAPublicKey):
@@ -552,27 +563,44 @@ def _build_chain(
     if _der(leaf) in anchor_ders:
         return [leaf]
     pool = [(a, True) for a in anchors] + [(c, False) for c in untrusted]
-    reasons: list[str] = []
+    reasons: dict[str, None] = {}  # an ordered set: each reason once
+    signed: dict[tuple[bytes, bytes], bool] = {}  # (child, issuer) -> signature verified
+    steps = 0
+
+    def issued_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
+        pair = (_der(child), _der(issuer))
+        if pair not in signed:
+            try:
+                child.verify_directly_issued_by(issuer)
+                signed[pair] = True
+            except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+                signed[pair] = False
+        return signed[pair]
 
     def search(path: list[x509.Certificate]) -> list[x509.Certificate] | None:
+        nonlocal steps
         child = path[-1]
         seen = {_der(c) for c in path}
         candidates = [(c, t) for c, t in pool if c.subject == child.issuer]
         if not candidates:
-            reasons.append(f"no issuer '{child.issuer.rfc4514_string()}' found")
+            reasons[f"no issuer '{child.issuer.rfc4514_string()}' found"] = None
             return None
         for cand, trusted in candidates:
             if _der(cand) in seen:
                 continue
+            steps += 1
+            if steps > MAX_CHAIN_STEPS:
+                raise _ChainError(
+                    f"no chain found within {MAX_CHAIN_STEPS} candidate issuers "
+                    f"({len(untrusted)} certificates in the WPK)"
+                )
             name = cand.subject.rfc4514_string()
-            try:
-                child.verify_directly_issued_by(cand)
-            except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
-                reasons.append(f"'{name}' did not sign '{child.subject.rfc4514_string()}'")
+            if not issued_by(child, cand):
+                reasons[f"'{name}' did not sign '{child.subject.rfc4514_string()}'"] = None
                 continue
             problem = _ca_problem(cand, len(path) - 1, at)
             if problem:
-                reasons.append(f"issuer '{name}' {problem}")
+                reasons[f"issuer '{name}' {problem}"] = None
                 continue
             if trusted:
                 return [*path, cand]
@@ -581,12 +609,12 @@ def _build_chain(
                 if found:
                     return found
             else:
-                reasons.append(f"chain longer than {MAX_CHAIN} certificates")
+                reasons[f"chain longer than {MAX_CHAIN} certificates"] = None
         return None
 
     chain = search([leaf])
     if chain is None:
-        raise _ChainError(reasons[0] if len(reasons) == 1 else "; ".join(dict.fromkeys(reasons)))
+        raise _ChainError("; ".join(list(reasons)[:5]))
     return chain
 
 
