@@ -160,6 +160,33 @@ def test_corrupt_file(tmp_path: Path) -> None:
         SqlTaskStore(sqlite_url(path)).open()
 
 
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_file_removed_while_open_is_refused(
+    tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The SQLite file deleted (or swapped for another) under a running store: every
+    operation is refused with a database error naming the file, logged once, instead of
+    acknowledging writes to a file nobody will read again."""
+    path = tmp_path / "tasks.db"
+    store = SqlTaskStore(sqlite_url(path))
+    store.open()
+    try:
+        [task] = create(store, [1])
+        os.unlink(path)
+        if how == "replaced":
+            path.write_bytes(b"")
+        for _ in range(3):
+            with pytest.raises(TaskError) as err:
+                create(store, [2])
+            assert err.value.code == TaskCode.DATABASE_ERROR
+            assert "removed or replaced while open" in err.value.detail
+            with pytest.raises(TaskError):
+                store.get_task(task.task_id)
+        assert caplog.text.count("removed or replaced while open") == 1
+    finally:
+        store.close()
+
+
 def test_not_open_is_a_database_error(tmp_path: Path) -> None:
     store = SqlTaskStore(sqlite_url(tmp_path / "t.db"))
     with pytest.raises(TaskError) as err:

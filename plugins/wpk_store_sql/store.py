@@ -70,6 +70,19 @@ class _Handle:
     models: StoreModels
     inflight: int = 0
     closing: bool = False
+    #: SQLite: the database file and its (device, inode) when opened
+    file: Path | None = None
+    file_id: tuple[int, int] | None = None
+    file_lost: bool = False
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, None when it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class SqlTaskStore(AgentRegistryMixin, TaskStore):
@@ -137,7 +150,11 @@ class SqlTaskStore(AgentRegistryMixin, TaskStore):
                 log.info(
                     "task store %s: schema version %d -> %d", self.target.display, found, current
                 )
-            self._handle = _Handle(db, build_models(db))
+            handle = _Handle(db, build_models(db))
+            if self.target.dialect == SQLITE:
+                handle.file = Path(self.target.database)
+                handle.file_id = _file_id(handle.file)
+            self._handle = handle
 
     def close(self) -> None:
         """Refuse new operations, wait for running ones, then close every connection.
@@ -184,6 +201,16 @@ class SqlTaskStore(AgentRegistryMixin, TaskStore):
             handle = self._handle
             if handle is None:
                 raise TaskError(TaskCode.DATABASE_ERROR, "the task store is not open")
+            if handle.file is not None and _file_id(handle.file) != handle.file_id:
+                # Deleted or replaced under us: what we wrote would be lost at the next start.
+                detail = (
+                    f"task store file {handle.file} was removed or replaced while open; "
+                    "restore it or restart the manager"
+                )
+                if not handle.file_lost:
+                    handle.file_lost = True
+                    log.error("%s", detail)
+                raise TaskError(TaskCode.DATABASE_ERROR, detail)
             handle.inflight += 1
             return handle
 
