@@ -228,3 +228,20 @@ def test_real_process_round_trip(tmp_path: Path) -> None:
     assert helped.returncode == 0
     for command in ("pack", "verify", "inspect", "ca"):
         assert command in helped.stdout
+
+
+def test_installer_template(tmp_path: Path) -> None:
+    """``wpk installer-template`` prints (or writes, executable) the installer the demo's
+    packages run end to end (tests/test_e2e.py); it is valid sh."""
+    from wpk_upgrade import demo
+
+    printed = run_cli("installer-template")
+    assert printed.returncode == 0 and printed.stdout == demo.INSTALLER
+    assert printed.stdout.startswith("#!/bin/sh\n") and "upgrade_result" in printed.stdout
+    out = tmp_path / "upgrade.sh"
+    written = run_cli("installer-template", "--out", out)
+    assert written.returncode == 0 and out.read_text() == demo.INSTALLER
+    assert os.access(out, os.X_OK)
+    assert subprocess.run(["sh", "-n", str(out)], check=False).returncode == 0
+    bad = run_cli("installer-template", "--out", tmp_path / "no" / "such" / "dir" / "x.sh")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ")

@@ -243,6 +243,27 @@ def _print_inspection(info: dict[str, Any]) -> None:
         click.echo(f"problem:    {problem}")
 
 
+@wpk_group.command("installer-template")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write it to this file (mode 0755) instead of printing it.",
+)
+@_handle_errors
+def installer_template_cmd(out: Path | None) -> None:
+    """Print a working WPK installer (upgrade.sh): what the agent expects of an installer,
+    commented; the demo's packages use it. Put your package manager's step in it."""
+    from importlib import resources
+
+    text = (resources.files("wpk_upgrade.agent") / "upgrade.sh").read_text()
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    out.write_text(text)
+    out.chmod(0o755)
+    click.echo(f"installer: {out}")
+
+
 @wpk_group.group("ca")
 def ca_group() -> None:
     """A lab CA for people without a PKI (RSA 2048 by default)."""

@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -37,35 +38,12 @@ CUSTOM_VERSION = "v4.9.2"
 PLATFORM = {"os_platform": "ubuntu", "os_major": "22", "os_minor": "04", "os_arch": "x86_64"}
 FINAL = {"Updated", "Error", "Cancelled", "Timeout", "Legacy"}
 
-# The installer shipped in the demo WPKs. Like the reference upgrade.sh it detaches and exits
-# 0 at once; the background part installs (rewrites the agent's version file), restarts the
-# agent (SIGHUP makes it re-execute itself), waits until the new process is connected, and
-# writes var/upgrade/upgrade_result (0 success, 2 failure).
-INSTALLER = r"""#!/bin/sh
-home="${WPK_AGENT_HOME:?WPK_AGENT_HOME not set}"
-upgrade_dir="$home/var/upgrade"
-new_version="$(cat "$upgrade_dir/VERSION")"
-(
-  sleep 0.3
-  cp "$upgrade_dir/VERSION" "$home/etc/version.new" &&
-    mv "$home/etc/version.new" "$home/etc/version"
-  rm -f "$home/var/run/agent.state"
-  kill -HUP "$(cat "$home/var/run/agent.pid")"
-  i=0
-  while [ "$i" -lt 300 ]; do
-    if grep -q 'status=connected' "$home/var/run/agent.state" 2>/dev/null; then
-      printf 0 > "$upgrade_dir/upgrade_result"
-      echo "installed $new_version"
-      exit 0
-    fi
-    sleep 0.1
-    i=$((i + 1))
-  done
-  printf 2 > "$upgrade_dir/upgrade_result"
-  echo "agent did not come back"
-) > "$home/logs/installer.log" 2>&1 < /dev/null &
-exit 0
-"""
+# The installer shipped in the demo WPKs: the template of ``wpk-upgrade wpk installer-template``
+# (wpk_upgrade/agent/upgrade.sh). Like the reference upgrade.sh it detaches and exits 0 at once;
+# the background part installs (rewrites the agent's version file), restarts the agent (SIGHUP
+# makes it re-execute itself), waits until the new process is connected, and writes
+# var/upgrade/upgrade_result (0 success, 2 failure).
+INSTALLER = (resources.files("wpk_upgrade.agent") / "upgrade.sh").read_text()
 
 
 @dataclass
