@@ -8,8 +8,10 @@ upgrades use a real signed WPK: in a ``file://`` repository with a ``versions`` 
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -173,6 +175,15 @@ def test_home_from_config_env_and_default(node: ManagerHarness, tmp_path: Path) 
     assert proc.returncode == 3 and cli_ops.DEFAULT_HOME in proc.stderr
     proc = run("agents", "--config", str(config), "--home", str(tmp_path))
     assert proc.returncode == 2 and "not both" in proc.stderr
+    # The same options before the command (on the main group); the command's own win.
+    assert run("--home", str(node.config.home), "agents").returncode == 0
+    assert run("--config", str(config), "agents", env={cli_ops.HOME_ENV: ""}).returncode == 0
+    proc = run("--home", str(tmp_path), "agents", "--config", str(config))
+    assert proc.returncode == 0, proc.stderr
+    proc = run("--home", str(tmp_path), "--config", str(config), "agents")
+    assert proc.returncode == 2 and "not both" in one_line_error(proc)
+    proc = run("--home", str(tmp_path), "tasks")
+    assert proc.returncode == 3 and str(tmp_path) in one_line_error(proc)
     bad = tmp_path / "bad.toml"
     bad.write_text('home = "x"\n[upgrade]\nchunk_size = 1\n')
     proc = run("agents", "--config", str(bad))
@@ -180,14 +191,70 @@ def test_home_from_config_env_and_default(node: ManagerHarness, tmp_path: Path) 
 
 
 def test_agent_ids_accept_padding_lists_and_refuse_junk(node: ManagerHarness) -> None:
-    proc = run("result", "5", "005,6", "--json", *home_of(node))
-    assert proc.returncode == 1  # no task for either agent
-    assert [i["agent"] for i in json.loads(proc.stdout)] == [5, 6]
+    proc = run("result", "5", "005,6", "0005", "999999", "--json", *home_of(node))
+    assert proc.returncode == 1  # no task for any agent
+    assert [i["agent"] for i in json.loads(proc.stdout)] == [5, 6, 999999]
     proc = run("result", "five", *home_of(node))
     assert proc.returncode == 2 and "'five' is not an agent id" in proc.stderr
     assert "Traceback" not in proc.stderr
     proc = run("upgrade", "5", "--version", "latest", *home_of(node))
     assert proc.returncode == 2 and "is not a version" in proc.stderr
+
+
+AGENT_ID_COMMANDS = [
+    ["result"],
+    ["watch"],
+    ["agents"],
+    ["cancel"],
+    ["upgrade", "--version", "v4.9.1"],
+    ["upgrade-custom", "--file", "/tmp/x.wpk"],
+    ["tasks", "--agent"],
+]
+
+
+def with_ids(command: list[str], ids: str) -> list[str]:
+    """``command`` with the agent ids: after ``tasks --agent``, else after the command name."""
+    return [*command, ids] if command[0] == "tasks" else [command[0], ids, *command[1:]]
+
+
+@pytest.mark.parametrize("command", AGENT_ID_COMMANDS, ids=lambda c: c[0])
+@pytest.mark.parametrize("bad", ["1000000", "0001000000", "5,1000000", "99999999999999999999"])
+def test_an_agent_id_out_of_range_is_one_usage_line(
+    tmp_path: Path, command: list[str], bad: str
+) -> None:
+    """Ids go from 1 to 999999 (an agent's ``agent.id``); checked before the manager is asked
+    (no manager runs at this home)."""
+    proc = run(*with_ids(command, bad), "--home", str(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    number = bad.split(",")[-1]
+    assert one_line_error(proc) == (
+        f"error: agent {number} is out of range; agent ids are 1 to 999999 "
+        f"(see wpk-upgrade {command[0]} --help)"
+    )
+
+
+@pytest.mark.parametrize(
+    "command", [c for c in AGENT_ID_COMMANDS if "upgrade" not in c[0]], ids=lambda c: c[0]
+)
+def test_the_manager_id_is_refused_by_the_reading_commands(
+    tmp_path: Path, command: list[str]
+) -> None:
+    for zero in ("0", "000"):
+        proc = run(*with_ids(command, zero), "--home", str(tmp_path))
+        assert proc.returncode == 2
+        assert one_line_error(proc).startswith(
+            f"error: {zero} is the manager, not an agent; agent ids are 1 to 999999"
+        )
+
+
+def test_the_manager_id_on_upgrade_is_the_managers_answer(node: ManagerHarness) -> None:
+    """The upgrade commands send 000 as asked; the manager answers its own error 7."""
+    for args in (["upgrade", "000", "--version", "v4.9.1"], ["upgrade-custom", "0", "-f", "/x"]):
+        proc = run(*args, *home_of(node))
+        assert proc.returncode == 1 and proc.stderr == ""
+        assert proc.stdout == (
+            "agent 000: not upgraded: error 7 Action not available for Manager (agent 000)\n"
+        )
 
 
 # --------------------------------------------------------------------------- upgrade
@@ -282,6 +349,86 @@ def test_watch_live_table_and_failure_exit(
     assert "1 agent(s): 0 succeeded, 1 failed" in proc.stderr
 
 
+def test_watch_live_table_at_80_columns(
+    node: ManagerHarness, agents: Callable[..., ScriptedAgent], repo: Path
+) -> None:
+    """At 80 columns the progress bar gives way; Agent, Status, Elapsed and the error stay
+    whole (the error wraps when it is long)."""
+    agents(agent(5), slow(0.01, fail_at="sha1"))
+    proc = run(
+        "upgrade-custom", "5", "--file", str(repo / WPK_REL), "--wait", "--live",
+        "--interval", "0.2", *home_of(node), env={"COLUMNS": "80"},
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", proc.stdout)  # the terminal's styles
+    assert "…" not in out
+    for text in ("Agent", "Status", "Elapsed", "Error", "005", "Send verify sha1 error"):
+        assert text in out, out
+    table_lines = [ln for ln in out.splitlines() if ln.strip().startswith(("┃", "│", "┏"))]
+    assert table_lines and all(len(ln.strip()) <= 80 for ln in table_lines)
+
+
+LONG_ERROR = (
+    "Send verify sha1 error: the agent computed a SHA1 that differs from the manager's "
+    "for the WPK file it was sent"
+)
+
+
+def rendered(width: int, items: list[dict[str, Any]]) -> str:
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=io.StringIO())
+    console.print(cli_ops._render(items, "wpk-upgrade: 2 agent(s)", width))
+    return console.export_text()
+
+
+@pytest.mark.parametrize("width", [80, 100, 200])
+def test_watch_table_keeps_agent_status_elapsed_and_error_whole(width: int) -> None:
+    items = [
+        {
+            "agent": 5,
+            "status": "Updating",
+            "create_time": "2025/01/31 10:00:00",
+            "progress": {"sent": 12 * 1024, "total": 66150},
+        },
+        {
+            "agent": 123456,
+            "status": "Error",
+            "create_time": "2025/01/31 10:00:00",
+            "update_time": "2025/01/31 10:02:13",
+            "error_msg": LONG_ERROR,
+            "progress": {"sent": 66150, "total": 66150},
+        },
+    ]
+    text = rendered(width, items)
+    lines = text.splitlines()
+    assert all(len(line.rstrip()) <= width for line in lines)
+    assert "…" not in text
+    header = next(line for line in lines if "Agent" in line)
+    for name in ("Agent", "Status", "Elapsed", "Error"):
+        assert f" {name} " in header
+    assert "123456" in text and "Updating" in text and "0:02:13" in text
+    # The error is all there, wrapped into its column when it does not fit.
+    error_cells = [line.split("│")[-2].strip() for line in lines if line.startswith("│")]
+    assert " ".join(c for c in error_cells if c) == LONG_ERROR
+    if width == 80:
+        assert "Progress" not in header  # the bar gave way first
+        assert "18%" in text and "100%" in text
+    if width == 200:
+        assert "Progress" in header and "━" in text and "12.0 KiB/64.6 KiB (18%)" in text
+
+
+def test_table_layout_gives_way_bar_then_bytes() -> None:
+    wide = cli_ops.plan_layout(200, 25, 24, 5, 22)
+    assert wide == cli_ops.Layout(bar=24, full_bytes=True, error=22)
+    # Narrower: the bar shrinks, then goes; the bytes become a percentage, then go.
+    widths = [cli_ops.plan_layout(w, 25, 24, 5, 22) for w in (100, 90, 80, 70, 60)]
+    assert [lay.bar for lay in widths] == [10, None, None, None, None]
+    assert [lay.full_bytes for lay in widths] == [True, True, False, False, None]
+    assert all(lay.error == 22 for lay in widths)  # the error column is kept to the end
+    assert cli_ops.plan_layout(40, 25, 24, 5, 22).error == 5
+
+
 def test_watch_json_timeout_and_unknown_agent(
     node: ManagerHarness, agents: Callable[..., ScriptedAgent], repo: Path
 ) -> None:
@@ -289,10 +436,35 @@ def test_watch_json_timeout_and_unknown_agent(
     run("upgrade-custom", "5", "--file", str(repo / WPK_REL), *home_of(node))
     proc = run("watch", "5", "--wait-timeout", "1", "--interval", "0.2", *home_of(node))
     assert proc.returncode == 1
-    assert one_line_error(proc) == "error: timed out after 1 s; not final yet: 005"
+    assert one_line_error(proc) == (
+        "error: timed out after 1 s; not final yet: 005 (their upgrades go on: wpk-upgrade watch 5)"
+    )
     proc = run("watch", "9", "--json", *home_of(node))  # no task: final at once, a failure
     assert proc.returncode == 1
     assert json.loads(proc.stdout) == [{"error": 3, "message": "No task in DB", "agent": 9}]
+
+
+def test_wait_gives_up_after_a_default_timeout(
+    node: ManagerHarness, agents: Callable[..., ScriptedAgent], repo: Path
+) -> None:
+    """``--wait`` (and ``watch``) stop after 30 minutes unless told otherwise (0: never);
+    the agents still running are named and the exit status is 1."""
+    for command in (cli_ops.upgrade_cmd, cli_ops.upgrade_custom_cmd, cli_ops.watch_cmd):
+        (param,) = (p for p in command.params if p.name == "wait_timeout")
+        assert param.default == cli_ops.DEFAULT_WAIT_TIMEOUT == 1800
+    assert "[default: 1800, 30 minutes; 0: never]" in run("upgrade", "--help").stdout
+    cli_ops._deadline_passed(time.monotonic() - 10**6, 0, [{"agent": 5, "status": "Updating"}])
+    agents(agent(5), json_agent(stall_at="sha1"))
+    agents(agent(6), json_agent(stall_at="sha1"))
+    proc = run(
+        "upgrade-custom", "5", "6", "--file", str(repo / WPK_REL), "--wait", "--plain",
+        "--wait-timeout", "1", "--interval", "0.2", *home_of(node),
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert one_line_error(proc) == (
+        "error: timed out after 1 s; not final yet: 005, 006 "
+        "(their upgrades go on: wpk-upgrade watch 5,6)"
+    )
 
 
 # --------------------------------------------------------------------------- result, cancel
@@ -350,6 +522,58 @@ def test_agents_and_list_outdated(
         (5, "v4.10.0"),
         (6, "v4.10.0"),
     ]
+
+
+def test_unknown_agents_are_named_and_fail(
+    node: ManagerHarness, agents: Callable[..., ScriptedAgent]
+) -> None:
+    agents(agent(5), json_agent())
+    proc = run("agents", "7", *home_of(node))
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", "agent 007: unknown agent\n")
+    proc = run("agents", "005", "7,8", *home_of(node))
+    assert proc.returncode == 1
+    assert [ln.split()[0] for ln in proc.stdout.splitlines()] == ["AGENT", "005"]
+    assert proc.stderr.splitlines() == ["agent 007: unknown agent", "agent 008: unknown agent"]
+    proc = run("agents", "7", "--json", *home_of(node))
+    assert proc.returncode == 1 and json.loads(proc.stdout) == []
+    assert proc.stderr == "agent 007: unknown agent\n"
+    # result keeps the reference's "No task in DB" for an agent without a task.
+    proc = run("result", "7", *home_of(node))
+    assert proc.returncode == 1 and "No task in DB" in proc.stdout
+
+
+def test_empty_listings_say_so(
+    make_harness: Callable[..., ManagerHarness], agents: Callable[..., ScriptedAgent]
+) -> None:
+    empty = home_of(make_harness())
+    for args, line in [
+        (["agents"], "no agents: the manager knows none yet"),
+        (["list-outdated"], "no outdated agents (the manager knows no agents)"),
+        (["tasks"], "no tasks in the store"),
+        (["tasks", "--status", "error", "--agent", "5"], "no tasks match these filters"),
+    ]:
+        proc = run(*args, *empty)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, line + "\n", ""), args
+        proc = run(*args, "--json", *empty)
+        assert (proc.returncode, json.loads(proc.stdout)) == (0, []), args
+
+
+def test_list_outdated_with_everyone_current(
+    node: ManagerHarness, agents: Callable[..., ScriptedAgent]
+) -> None:
+    agents(agent(5, "Wazuh v4.9.1"), json_agent())
+    agents(agent(6, "Wazuh v4.10.0"), json_agent())
+    proc = run("list-outdated", "--version", "v4.9.1", *home_of(node))
+    assert proc.returncode == 0
+    assert proc.stdout == "no outdated agents (2 agent(s) at or above the target version)\n"
+    node.seed_agent(AgentInfo(agent_id=7, name="gone", version=None))
+    proc = run("list-outdated", "--version", "v4.9.1", *home_of(node))
+    assert proc.returncode == 0
+    assert proc.stdout == (
+        "no outdated agents (2 agent(s) at or above the target version, 1 that cannot be told)\n"
+    )
+    assert "agent(s) 007" in proc.stderr
+    assert json.loads(run("list-outdated", "-v", "v4.9.1", "--json", *home_of(node)).stdout) == []
 
 
 def test_tasks_filters_and_history(

@@ -20,25 +20,89 @@ from .framing import request_unix
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
 
-@click.group()
-@click.version_option(__version__, prog_name="wpk-upgrade")
-def cli() -> None:
-    """Remote upgrade of endpoint agents with signed WPK packages."""
+PROG = "wpk-upgrade"
+
+
+class UsageLine(click.UsageError):
+    """A usage error shown as one line: ``error: <message> (see <command> --help)``."""
+
+    def __init__(self, error: click.UsageError) -> None:
+        super().__init__(error.format_message(), error.ctx)
+
+    def show(self, file: Any = None) -> None:
+        message = self.format_message().strip().rstrip(".")
+        if message[:1].isupper() and message[1:2].islower():
+            message = message[0].lower() + message[1:]  # click's "No such option", "Missing ..."
+        message = " ".join(message.split())
+        hint = f" (see {self.ctx.command_path} --help)" if self.ctx is not None else ""
+        click.echo(f"error: {message}{hint}", err=True)
+
+
+class Cli(click.Group):
+    """The root group. Every usage error of every command (click's own, or a
+    ``click.UsageError`` raised by a command) is shown by ``UsageLine``: one line on stderr,
+    exit status 2. ``--help`` and the help a group prints when called alone are untouched."""
+
+    @staticmethod
+    def _one_line(error: click.UsageError) -> click.UsageError:
+        if isinstance(error, UsageLine | click.exceptions.NoArgsIsHelpError):
+            return error
+        return UsageLine(error)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise self._one_line(exc) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise self._one_line(exc) from None
+
+
+@click.group(cls=Cli)
+@click.version_option(__version__, prog_name=PROG)
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="The manager's home directory, for the operator commands.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="The manager's configuration file: its home for the operator commands; "
+    "the file 'manager' runs.",
+)
+def cli(home: str | None, config_path: str | None) -> None:
+    """Remote upgrade of endpoint agents with signed WPK packages.
+
+    --home and --config may come before the command or after it (the command's own win).
+    The operator commands (upgrade ... history) find the manager by --home, else the home of
+    --config, else $WPK_UPGRADE_HOME, else /var/lib/wpk-upgrade.
+    """
 
 
 @cli.command()
 @click.option(
     "--config",
     "config_path",
-    required=True,
     type=click.Path(dir_okay=False),
-    help="Manager configuration file (TOML).",
+    help="Manager configuration file (TOML); required, here or before the command.",
 )
 @click.option("--log-level", default=None, help="Overrides [logging] level (default INFO).")
-def manager(config_path: str, log_level: str | None) -> None:
+@click.pass_context
+def manager(ctx: click.Context, config_path: str | None, log_level: str | None) -> None:
     """Run the manager daemon (upgrade and task sockets, agent transport)."""
     from .daemon import run_manager
 
+    config_path = config_path or ctx.find_root().params.get("config_path")
+    if not config_path:
+        raise click.UsageError("missing option '--config' (the manager's configuration file)")
     sys.exit(run_manager(config_path, log_level))
 
 
@@ -140,7 +204,7 @@ _attach_optional()
 def main() -> None:
     """Console-script entry point."""
     try:
-        cli(standalone_mode=True)
+        cli(prog_name=PROG, standalone_mode=True)
     except WpkUpgradeError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILED)

@@ -32,9 +32,11 @@ import click
 from . import versions
 from .errors import ConfigError, WpkUpgradeError
 from .framing import request_unix
-from .protocol import MAX_AGENT_ID
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+#: The highest agent id (as an agent's ``agent.id`` and ``wpk-upgrade ca issue-agent``); the
+#: socket protocol itself takes any non-negative 32-bit integer.
+LAST_AGENT_ID = 999999
 HOME_ENV = "WPK_UPGRADE_HOME"
 DEFAULT_HOME = "/var/lib/wpk-upgrade"
 #: Agents per request, as the reference framework chunks ``upgrade`` (§1.2).
@@ -43,6 +45,9 @@ FINAL = frozenset({"Updated", "Error", "Cancelled", "Timeout", "Legacy"})
 #: The reference CLI counts Updated and Legacy as success (§9.5).
 SUCCEEDED = frozenset({"Updated", "Legacy"})
 NO_TASK = "No task"
+#: ``watch`` and ``--wait`` give up after this long unless ``--wait-timeout`` says otherwise:
+#: twice the manager's default task_timeout (15 min, counted from Updating).
+DEFAULT_WAIT_TIMEOUT = 1800.0
 ORIGIN = {"name": "cli", "module": "api"}
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -156,12 +161,24 @@ def _fail(message: str, status: int) -> NoReturn:
     raise click.exceptions.Exit(status)
 
 
+def _group_location() -> tuple[str | None, str | None]:
+    """``--home`` and ``--config`` given before the command (``wpk-upgrade --home D agents``)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return None, None
+    params = ctx.find_root().params
+    return params.get("home"), params.get("config_path")
+
+
 def with_client(func: F) -> F:
     """Add ``--home``, ``--config`` and ``--timeout``; pass ``client``; map failures to one
-    line and the documented exit status."""
+    line and the documented exit status. Without ``--home``/``--config`` after the command,
+    those given before it (on the main group) are used."""
 
     @functools.wraps(func)
     def wrapper(home: str | None, config_path: str | None, timeout: float, **kwargs: Any) -> Any:
+        if home is None and config_path is None:
+            home, config_path = _group_location()
         try:
             client = Client(resolve_home(home, config_path), timeout)
         except ConfigError as exc:
@@ -189,7 +206,8 @@ def with_client(func: F) -> F:
     wrapper = click.option(
         "--home",
         type=click.Path(file_okay=False),
-        help=f"The manager's home directory [default: ${HOME_ENV} or {DEFAULT_HOME}].",
+        help="The manager's home directory (may also come before the command) "
+        f"[default: ${HOME_ENV} or {DEFAULT_HOME}].",
     )(wrapper)
     return wrapper  # type: ignore[return-value]
 
@@ -205,26 +223,41 @@ def emit_json(value: Any) -> None:
 # --------------------------------------------------------------------------- parsing
 
 
-_ID = re.compile(r"\d{1,10}", re.ASCII)
+_ID = re.compile(r"\d+", re.ASCII)
 
 
-def parse_agents(values: Sequence[str], client: Client | None = None) -> list[int]:
+def agent_id(text: str, manager: bool = False) -> int:
+    """One agent id of the command line: ``5``, ``005`` and ``0005`` are agent 5. Ids go from
+    1 to ``LAST_AGENT_ID``; ``0`` (the manager) only with ``manager`` (the upgrade commands,
+    where the manager answers its own error 7). ``click.UsageError`` otherwise."""
+    value = text.strip()
+    if not _ID.fullmatch(value):
+        raise click.UsageError(f"{text!r} is not an agent id (ids are like 5, 005, 5,6 or all)")
+    digits = value.lstrip("0") or "0"
+    if len(digits) > len(str(LAST_AGENT_ID)) or int(digits) > LAST_AGENT_ID:
+        raise click.UsageError(f"agent {value} is out of range; agent ids are 1 to {LAST_AGENT_ID}")
+    if digits == "0" and not manager:
+        raise click.UsageError(
+            f"{value} is the manager, not an agent; agent ids are 1 to {LAST_AGENT_ID}"
+        )
+    return int(digits)
+
+
+def parse_agents(
+    values: Sequence[str], client: Client | None = None, manager: bool = False
+) -> list[int]:
     """Agent ids of the command line (``5``, ``005``, ``5,6``, ``all``) in order, without
-    repeats; ``all`` asks the manager for every agent it knows."""
+    repeats; ``all`` asks the manager for every agent it knows. See ``agent_id``."""
     ids: list[int] = []
     for value in values:
         for part in value.split(","):
             text = part.strip()
             if text.lower() == "all":
                 if client is None:
-                    raise click.BadParameter("'all' is not allowed here", param_hint="AGENT")
+                    raise click.UsageError("'all' is not allowed here; give agent ids")
                 ids.extend(client.known_agents())
                 continue
-            if not _ID.fullmatch(text) or int(text) > MAX_AGENT_ID:
-                raise click.BadParameter(
-                    f"{part!r} is not an agent id (such as 5, 005 or all)", param_hint="AGENT"
-                )
-            ids.append(int(text))
+            ids.append(agent_id(part, manager))
     unique = list(dict.fromkeys(ids))
     if not unique:
         raise Failed("no agent to act on")
@@ -370,9 +403,15 @@ def watch_agents(
 
 
 def _deadline_passed(start: float, timeout: float | None, items: list[dict[str, Any]]) -> None:
-    if timeout is not None and time.monotonic() - start >= timeout:
-        waiting = ", ".join(agent_label(i.get("agent")) for i in items if not final(i))
-        raise Failed(f"timed out after {timeout:g} s; not final yet: {waiting}")
+    """``Failed`` naming the agents not final yet once ``timeout`` (None or 0: never) passed."""
+    if timeout and time.monotonic() - start >= timeout:
+        waiting = [i.get("agent") for i in items if not final(i)]
+        labels = ", ".join(agent_label(a) for a in waiting)
+        again = ",".join(str(a) for a in waiting)
+        raise Failed(
+            f"timed out after {timeout:g} s; not final yet: {labels} "
+            f"(their upgrades go on: wpk-upgrade watch {again})"
+        )
 
 
 def _watch_plain(
@@ -403,32 +442,103 @@ def _watch_plain(
         time.sleep(interval)
 
 
-def _render(items: list[dict[str, Any]], title: str) -> Any:
+def percent_text(item: dict[str, Any]) -> str:
+    """``18%``: the short form of ``progress_text`` for a narrow table."""
+    progress = item.get("progress")
+    if not isinstance(progress, dict) or not progress.get("total"):
+        return "-"
+    return f"{100 * int(progress.get('sent', 0)) // int(progress['total'])}%"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Column widths of the live table for one terminal width (``None``: column left out)."""
+
+    bar: int | None
+    full_bytes: bool | None
+    error: int
+
+
+#: The live table's frame: one rule per column and one more, one space either side of a cell.
+_RULES, _PADDING = 1, 2
+BAR_MIN, BAR_MAX, ERROR_MIN = 10, 24, 30
+
+
+def plan_layout(width: int, fixed: int, full_bytes: int, short_bytes: int, error: int) -> Layout:
+    """Share ``width`` columns: Agent, Status and Elapsed (``fixed``: their text widths) are
+    never cut; the Error column gets at least ``ERROR_MIN`` (it wraps beyond); then the bytes
+    (``short_bytes``: the percentage only, else ``full_bytes``), then a progress bar of
+    ``BAR_MIN`` columns, then the rest of the error, then a wider bar. What does not fit is
+    left out: the bar first, the bytes next."""
+    cost = _RULES + _PADDING  # of one more column
+    spare = width - _RULES - 4 * cost - fixed
+    error_width = max(5, min(error, ERROR_MIN, spare))
+    spare -= error_width
+    bytes_choice: bool | None = None
+    if spare >= short_bytes + cost:
+        bytes_choice, spare = False, spare - short_bytes - cost
+        if spare >= full_bytes - short_bytes:
+            bytes_choice, spare = True, spare - (full_bytes - short_bytes)
+    bar: int | None = None
+    if spare >= BAR_MIN + cost:
+        bar, spare = BAR_MIN, spare - BAR_MIN - cost
+    more = max(0, min(error - error_width, spare))
+    error_width, spare = error_width + more, spare - more
+    if bar is not None:
+        bar += max(0, min(BAR_MAX - bar, spare))
+    return Layout(bar=bar, full_bytes=bytes_choice, error=error_width)
+
+
+def _render(items: list[dict[str, Any]], title: str, width: int = 200) -> Any:
+    """The live table for a ``width``-column terminal (``plan_layout``)."""
     from rich.progress_bar import ProgressBar
     from rich.table import Table
     from rich.text import Text
 
+    def widest(header: str, cells: Iterable[str]) -> int:
+        return max([len(header), *(len(c) for c in cells)])
+
+    agents = [agent_label(i.get("agent")) for i in items]
+    statuses = [status_of(i) for i in items]
+    elapsed = [human_duration(elapsed_of(i)) for i in items]
+    errors = [error_of(i) for i in items]
+    fixed = (widest("Agent", agents), widest("Status", statuses), widest("Elapsed", elapsed))
+    layout = plan_layout(
+        width,
+        sum(fixed),
+        widest("Bytes", map(progress_text, items)),
+        widest("Bytes", map(percent_text, items)),
+        widest("Error", errors),
+    )
     table = Table(title=title, title_justify="left", expand=False)
-    for header in ("Agent", "Status", "Progress", "Bytes", "Elapsed", "Error"):
-        table.add_column(header, no_wrap=header != "Error")
+    table.add_column("Agent", no_wrap=True, min_width=fixed[0])
+    table.add_column("Status", no_wrap=True, min_width=fixed[1])
+    if layout.bar is not None:
+        table.add_column("Progress", no_wrap=True, width=layout.bar)
+    if layout.full_bytes is not None:
+        table.add_column("Bytes", no_wrap=True)
+    table.add_column("Elapsed", no_wrap=True, min_width=fixed[2])
+    table.add_column("Error", max_width=layout.error, overflow="fold")
     colours = {"Updated": "green", "Legacy": "green", "Updating": "cyan", "In queue": "blue"}
-    for item in items:
-        progress = item.get("progress") or {}
-        total = int(progress.get("total") or 0)
-        bar: Any = (
-            ProgressBar(total=total, completed=int(progress.get("sent", 0)), width=24)
-            if total
-            else Text("-")
-        )
-        status = status_of(item)
-        table.add_row(
-            agent_label(item.get("agent")),
+    for item, label, status, took, error in zip(
+        items, agents, statuses, elapsed, errors, strict=True
+    ):
+        cells: list[Any] = [
+            label,
             Text(status, style=colours.get(status, "red" if final(item) else "")),
-            bar,
-            progress_text(item),
-            human_duration(elapsed_of(item)),
-            error_of(item),
-        )
+        ]
+        if layout.bar is not None:
+            progress = item.get("progress") or {}
+            total = int(progress.get("total") or 0)
+            cells.append(
+                ProgressBar(total=total, completed=int(progress.get("sent", 0)), width=layout.bar)
+                if total
+                else Text("-")
+            )
+        if layout.full_bytes is not None:
+            cells.append(progress_text(item) if layout.full_bytes else percent_text(item))
+        cells += [took, error]
+        table.add_row(*cells)
     return table
 
 
@@ -442,12 +552,12 @@ def _watch_live(
     start = time.monotonic()
     items = client.results(agents)
     title = f"wpk-upgrade: {len(agents)} agent(s)"
-    with Live(_render(items, title), console=console, refresh_per_second=8) as live:
+    with Live(_render(items, title, console.width), console=console, refresh_per_second=8) as live:
         while not all(final(i) for i in items):
             _deadline_passed(start, timeout, items)
             time.sleep(interval)
             items = client.results(agents)
-            live.update(_render(items, title))
+            live.update(_render(items, title, console.width))
     return items
 
 
@@ -467,9 +577,11 @@ def watch_options(func: F) -> F:
     )(func)
     func = click.option(
         "--wait-timeout",
-        type=click.FloatRange(min=0.1),
-        default=None,
-        help="Give up after this many seconds (exit 1).",
+        type=click.FloatRange(min=0),
+        default=DEFAULT_WAIT_TIMEOUT,
+        metavar="S",
+        help="Give up after S seconds, exit 1; the upgrades go on "
+        f"[default: {DEFAULT_WAIT_TIMEOUT:g}, 30 minutes; 0: never].",
     )(func)
     func = click.option(
         "--interval",
@@ -565,7 +677,7 @@ def upgrade_cmd(
         raise click.BadParameter(
             f"{version!r} is not a version such as v4.9.1", param_hint="--version"
         )
-    ids = parse_agents(agents, client)
+    ids = parse_agents(agents, client, manager=True)
     params: dict[str, Any] = {}
     if version:
         params["version"] = versions.normalise(version)
@@ -612,7 +724,7 @@ def upgrade_custom_cmd(
         raise click.BadParameter(
             f"{installer!r} is not an installer name", param_hint="--installer"
         )
-    ids = parse_agents(agents, client)
+    ids = parse_agents(agents, client, manager=True)
     params: dict[str, Any] = {"file_path": str(Path(file_path).expanduser().absolute())}
     if installer:
         params["installer"] = installer
@@ -686,9 +798,20 @@ def agents_cmd(client: Client, agents: tuple[str, ...], as_json: bool) -> None:
     if agents:
         params["agents"] = parse_agents(agents, client)
     items = client.task("agents_list", params)
+    found = {i.get("agent") for i in items}
+    unknown = [a for a in params.get("agents", []) if a not in found]
     if as_json:
         emit_json(items)
-        return
+    elif not items and not agents:
+        click.echo("no agents: the manager knows none yet")
+    elif items:
+        _print_agents(items)
+    for a in unknown:
+        click.echo(f"agent {agent_label(a)}: unknown agent", err=True)
+    raise click.exceptions.Exit(EXIT_FAILED if unknown else EXIT_OK)
+
+
+def _print_agents(items: list[dict[str, Any]]) -> None:
     rows = [
         [
             agent_label(i.get("agent")),
@@ -737,6 +860,8 @@ def list_outdated_cmd(
     unknown = [i for i in items if i.get("outdated") is None]
     if as_json:
         emit_json(outdated)
+    elif not outdated:
+        click.echo(f"no outdated agents ({_not_outdated_text(items, unknown)})")
     else:
         rows = [
             [
@@ -757,6 +882,14 @@ def list_outdated_cmd(
             "give --version or --repo)",
             err=True,
         )
+
+
+def _not_outdated_text(items: list[dict[str, Any]], unknown: list[dict[str, Any]]) -> str:
+    if not items:
+        return "the manager knows no agents"
+    current = len(items) - len(unknown)
+    text = f"{current} agent(s) at or above the target version"
+    return f"{text}, {len(unknown)} that cannot be told" if unknown else text
 
 
 @click.command("tasks")
@@ -801,6 +934,10 @@ def tasks_cmd(
     if as_json:
         emit_json(items)
         return
+    if not items:
+        filtered = len(params) > 1  # more than the limit
+        click.echo("no tasks match these filters" if filtered else "no tasks in the store")
+        return
     rows = [
         [
             str(i.get("task_id")),
@@ -817,8 +954,12 @@ def tasks_cmd(
     print_table(("TASK", "AGENT", "NODE", "COMMAND", "STATUS", "CREATED", "UPDATED", "ERROR"), rows)
 
 
+class TaskId(click.IntRange):
+    name = "task id"
+
+
 @click.command("history")
-@click.argument("task_id", type=click.IntRange(min=1))
+@click.argument("task_id", type=TaskId(min=1))
 @json_option
 @with_client
 def history_cmd(client: Client, task_id: int, as_json: bool) -> None:
