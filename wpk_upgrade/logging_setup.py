@@ -98,7 +98,7 @@ class TextFormatter(logging.Formatter):
         super().__init__(layout)
         self.redactor = redactor
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+    def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = bounded(self.redactor(record.message))
         return super().formatMessage(record)
 
