@@ -14,7 +14,8 @@
 # to the manager: the task ends Updated (0) or Error (1, 2).
 home="${WPK_AGENT_HOME:?WPK_AGENT_HOME not set}"
 upgrade_dir="$home/var/upgrade"
-new_version="$(cat "$upgrade_dir/VERSION")"
+new_version="$(cat "$upgrade_dir/VERSION")" || exit 1
+mkdir -p "$home/logs" || exit 1
 (
   sleep 0.3
   cp "$upgrade_dir/VERSION" "$home/etc/version.new" &&
