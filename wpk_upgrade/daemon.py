@@ -28,6 +28,7 @@ from .framing import FrameTooLarge, discard, read_frame, write_frame
 from .hub import AgentRegistry
 from .interfaces import TaskStore, Transport
 from .logging_setup import EventLogPlugin, configure_manager_logging
+from .pidlock import PidLock
 from .plugin_manager import make_plugin_manager
 from .protocol import (
     RequestRejected,
@@ -94,6 +95,8 @@ class Manager:
         self._servers: list[asyncio.base_events.Server] = []
         self.web: list[Any] = []  # HTTP API and metrics servers (api.WebServer)
         self._background: list[asyncio.Task[None]] = []
+        # One manager per home: held from the start of start() to the end of stop().
+        self.home_lock = PidLock(config.home / "var/run/manager.pid", "manager", config.home)
 
     async def _agent_event(self, agent_id: int, message: dict[str, Any]) -> dict[str, Any]:
         return await self.service.handle_raw(dumps(message))
@@ -145,8 +148,13 @@ class Manager:
         return await self.tasks.handle(request)
 
     async def start(self) -> None:
-        """Open the store, recover this node's tasks, bind sockets and the transport."""
+        """Lock the home, open the store, recover this node's tasks, bind sockets and the
+        transport.
+
+        Raises ``WpkUpgradeError`` before touching anything when another manager holds the
+        home (its ``var/run/manager.pid`` lock: ``pidlock.PidLock``)."""
         cfg = self.config
+        self.home_lock.acquire()
         for sub in ("queue/tasks", "var/upgrade", "var/run", "logs"):
             (cfg.home / sub).mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self.store.open)
@@ -166,7 +174,6 @@ class Manager:
             asyncio.create_task(self.dispatcher.run(self.stop_event)),
             asyncio.create_task(self.tasks.run_sweeper(self.stop_event)),
         ]
-        (cfg.home / "var" / "run" / "manager.pid").write_text(f"{os.getpid()}\n")
         log.info(
             "manager node %s ready: %s, %s", cfg.node_name, cfg.upgrade_socket, cfg.task_socket
         )
@@ -209,8 +216,14 @@ class Manager:
             log.info("resuming %d queued tasks left by the previous run", len(pending))
 
     async def stop(self) -> None:
-        """Graceful stop: sockets closed, running transfers cancelled, store closed."""
+        """Graceful stop: sockets closed, running transfers cancelled, store closed.
+
+        Without the home lock (``start()`` refused, or already stopped) nothing here is
+        ours: the sockets and the pid file belong to the manager holding the home."""
         self.stop_event.set()
+        if not self.home_lock.held:
+            self.sources.close()
+            return
         for server in self._servers:
             server.close()
         while self.web:
@@ -225,8 +238,7 @@ class Manager:
                 path.unlink()
         self.sources.close()
         await asyncio.to_thread(self.store.close)
-        with contextlib.suppress(FileNotFoundError):
-            (self.config.home / "var" / "run" / "manager.pid").unlink()
+        self.home_lock.release()
 
     async def run_until_stopped(self) -> None:
         await self.start()
