@@ -103,7 +103,7 @@ def test_upgrade_custom_result_and_tasks(
 ) -> None:
     api = api_of(node)
     a5 = agents(agent(5))
-    agents(agent(6))
+    agents(agent(6), json_agent(stall_at="sha1"))  # cancellable: its installer never starts
     node.seed_agent(AgentInfo(agent_id=9, connection_status="disconnected"))
     wpk_file = tmp_path / "agent.wpk"
     wpk_file.write_bytes(b"W" * 5000)
@@ -154,6 +154,28 @@ def test_upgrade_custom_result_and_tasks(
     assert [i["agent"] for i in body["data"]["affected_items"]] == ["006"]
     assert failed(body["data"]) == [(1813, "No task in DB", ["005"])]
     assert body["message"] == "Some upgrade tasks were not cancelled"
+
+
+def test_upgrade_cancel_refuses_a_task_whose_installer_started(
+    node: ManagerHarness, agents: Callable[..., ScriptedAgent], tmp_path: Path
+) -> None:
+    """Once the agent was sent ``upgrade`` the task cannot be cancelled (failed item 1818)
+    and the agent's report is still recorded."""
+    api = api_of(node)
+    a5 = agents(agent(5))
+    # the API's pre-filter reads the store, which records the connection asynchronously
+    node.wait_for(lambda: (known := node.store.get_agent(5)) is not None and known.active)
+    wpk_file = tmp_path / "agent.wpk"
+    wpk_file.write_bytes(b"W" * 5000)
+    _, body, _ = api.call("PUT", f"/agents/upgrade_custom?agents_list=5&file_path={wpk_file}")
+    assert body["error"] == 0, body
+    node.wait_for(lambda: any('"upgrade"' in p for _, p in list(a5.received)))
+    _, body, _ = api.call("PUT", "/agents/upgrade_cancel?agents_list=5")
+    assert (body["error"], body["message"]) == (2, "No upgrade task was cancelled")
+    refused = "Task is already being installed, cannot be cancelled"
+    assert failed(body["data"]) == [(1818, refused, ["005"])]
+    assert a5.report(DONE)["data"][0]["error"] == 0
+    node.wait_for(lambda: node.result([5])[0]["status"] == "Updated")
 
 
 def test_upgrade_maps_module_codes_to_1810_plus_code(

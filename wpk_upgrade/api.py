@@ -20,7 +20,9 @@ Endpoints (the OpenAPI 3 document ``openapi.json`` beside this module, served at
   pre-filter runs first: agent 000 is 1703, an unknown agent 1701, an agent that is not
   active 1707 (upgrades only). A module code ``c`` for an agent becomes failed item
   ``1810 + c`` with the module's text; ``upgrade_result``'s "No task in DB" is 1813.
-* ``PUT /agents/upgrade_cancel`` (``agents_list``): the task socket's ``upgrade_cancel``.
+* ``PUT /agents/upgrade_cancel`` (``agents_list``): the task socket's ``upgrade_cancel``; a
+  task whose installer may be running (``upgrade`` sent) is failed item 1818 "Task is already
+  being installed, cannot be cancelled".
 * ``GET /tasks`` (``status``, ``agents_list``, ``node``, ``since``, ``until``, ``limit``): the
   admin listing, newest first.
 

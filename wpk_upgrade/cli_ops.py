@@ -996,7 +996,10 @@ def cancel_cmd(client: Client, agents: tuple[str, ...], as_json: bool) -> None:
     else:
         for item in items:
             label = agent_label(item.get("agent"))
-            if item.get("error"):
+            if item.get("error") and item.get("task_id") is not None:  # installer started
+                task_id, message = item["task_id"], item.get("message")
+                click.echo(f"agent {label}: task {task_id} not cancelled ({message})")
+            elif item.get("error"):
                 click.echo(f"agent {label}: nothing to cancel ({item.get('message')})")
             else:
                 click.echo(f"agent {label}: task {item.get('task_id')} cancelled")

@@ -242,8 +242,15 @@ class Dispatcher:
                     "task %d (agent %03d) interrupted by shutdown: %s", task_id, task.agent_id, exc
                 )
                 return
-            log.warning("task %d (agent %03d) failed: %s", task_id, task.agent_id, exc)
-            await self.tasks.set_status(task, TaskStatus.FAILED, None, exc.text, exc.detail)
+            if await self.tasks.set_status(task, TaskStatus.FAILED, None, exc.text, exc.detail):
+                log.warning("task %d (agent %03d) failed: %s", task_id, task.agent_id, exc)
+            else:  # cancelled (then ``upgrade`` was not sent) or timed out meanwhile
+                log.info(
+                    "task %d (agent %03d) no longer running; push stopped: %s",
+                    task_id,
+                    task.agent_id,
+                    exc,
+                )
             return
         except WpkUpgradeError as exc:
             log.warning("task %d (agent %03d) failed: %s", task_id, task.agent_id, exc)

@@ -4,7 +4,8 @@ Three numbered families exist on the wire, each with the reference's exact texts
 
 * ``UpgradeCode``: the manager upgrade module (socket ``queue/tasks/upgrade``), reference §3.1,
   4.14 numbering (decision D4: 25 is the missing-dependency error, 26 "could not start").
-* ``TaskCode``: the task manager (socket ``queue/tasks/task``), reference §3.2.
+* ``TaskCode``: the task manager (socket ``queue/tasks/task``), reference §3.2; plus 8, ours,
+  for the ``upgrade_cancel`` extension.
 * ``AgentCode``: replies of the agent's command handler, reference §3.3.
 
 Exception tree::
@@ -111,6 +112,8 @@ class TaskCode(IntEnum):
     PARSE_DB_RESPONSE_ERROR = 5
     DB_REQUEST_ERROR = 6
     UNKNOWN_ERROR = 7
+    #: Ours (the ``upgrade_cancel`` extension): the ``upgrade`` command was sent to the agent.
+    INSTALLER_STARTED = 8
 
 
 TASK_MESSAGES: dict[TaskCode, str] = {
@@ -122,6 +125,7 @@ TASK_MESSAGES: dict[TaskCode, str] = {
     TaskCode.PARSE_DB_RESPONSE_ERROR: "Parse DB response error",
     TaskCode.DB_REQUEST_ERROR: "Error in DB request",
     TaskCode.UNKNOWN_ERROR: "Unknown error",
+    TaskCode.INSTALLER_STARTED: "Task is already being installed, cannot be cancelled",
 }
 
 

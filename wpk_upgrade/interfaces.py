@@ -224,6 +224,8 @@ class TaskStore(ABC):
 
         ``node`` None is an internal actor. Writes ``update_time`` and ``error_msg`` (NULL when
         not given). Returns ``UPDATE_NOT_FOUND`` when there is no task or the move is refused.
+        In progress -> Cancelled is also refused once ``PHASE_INSTALLING`` is recorded
+        (``record_phase``), atomically with that record: exactly one of the two wins.
         """
 
     @abstractmethod

@@ -88,7 +88,8 @@ class NodeRule(StrEnum):
 
 
 #: (from, to) -> node rule. The reference's table (§8.3) plus D7 (late reports after Timeout)
-#: and our cancel extension (a running task may be cancelled before its installer runs).
+#: and our cancel extension (a running task may be cancelled before its installer runs: the
+#: store refuses In progress -> Cancelled once the installer phase is recorded).
 TRANSITIONS: dict[tuple[TaskStatus, TaskStatus], NodeRule] = {
     (TaskStatus.PENDING, TaskStatus.IN_PROGRESS): NodeRule.SAME_NODE,
     (TaskStatus.IN_PROGRESS, TaskStatus.DONE): NodeRule.ANY_NODE,

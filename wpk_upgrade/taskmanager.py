@@ -18,7 +18,7 @@ import pluggy
 
 from .config import TaskManagerSection
 from .errors import TaskCode, TaskError, task_message
-from .interfaces import UPDATE_OK, TaskStore
+from .interfaces import PHASE_INSTALLING, UPDATE_OK, TaskStore
 from .models import (
     REQUESTABLE_STATUSES,
     Task,
@@ -182,40 +182,54 @@ class TaskManager:
         return [result_item(a, latest.get(a)) for a in agents]
 
     async def cancel_agents(self, agents: Sequence[int]) -> list[dict[str, Any]]:
-        """Extension: cancel the latest task of each agent while it is queued or running
-        (a running one stops before its installer runs)."""
+        """Extension: cancel the latest task of each agent while it is queued, or running but
+        not yet installing.
+
+        Once the dispatcher recorded the installer phase (just before it sends ``upgrade``,
+        ``TaskStore.record_phase``) the store refuses In progress -> Cancelled, atomically
+        with that record: the item is refused with ``INSTALLER_STARTED`` and the task goes
+        on to the agent's report (Updated, Error) or its timeout. Conversely, a task
+        cancelled first is never sent ``upgrade`` (``record_phase`` refuses it)."""
         latest = await self._db(self.store.latest_tasks, list(agents))
         items = []
         for agent in agents:
             task = latest.get(agent)
-            if task is None or not task.status.active:
-                items.append(
-                    {
-                        "error": int(TaskCode.NO_TASK),
-                        "message": task_message(TaskCode.NO_TASK),
-                        "agent": agent,
-                    }
+            if task is not None and task.status.active:
+                moved = await self.set_status(
+                    task,
+                    TaskStatus.CANCELLED,
+                    None,
+                    "Task cancelled by request",
+                    "cancelled by request",
                 )
-                continue
-            moved = await self.set_status(
-                task,
-                TaskStatus.CANCELLED,
-                None,
-                "Task cancelled by request",
-                "cancelled by request",
+                if moved:
+                    items.append(
+                        {"error": 0, "message": "Success", "agent": agent, "task_id": task.task_id}
+                    )
+                    continue
+                if await self._db(self.store.task_phase, task.task_id) == PHASE_INSTALLING:
+                    log.info(
+                        "task %d (agent %03d): not cancelled, its installer may be running",
+                        task.task_id,
+                        agent,
+                    )
+                    code = TaskCode.INSTALLER_STARTED
+                    items.append(
+                        {
+                            "error": int(code),
+                            "message": task_message(code),
+                            "agent": agent,
+                            "task_id": task.task_id,
+                        }
+                    )
+                    continue
+            items.append(
+                {
+                    "error": int(TaskCode.NO_TASK),
+                    "message": task_message(TaskCode.NO_TASK),
+                    "agent": agent,
+                }
             )
-            if moved:
-                items.append(
-                    {"error": 0, "message": "Success", "agent": agent, "task_id": task.task_id}
-                )
-            else:
-                items.append(
-                    {
-                        "error": int(TaskCode.NO_TASK),
-                        "message": task_message(TaskCode.NO_TASK),
-                        "agent": agent,
-                    }
-                )
         return items
 
     # ------------------------------------------------------------------ socket handler

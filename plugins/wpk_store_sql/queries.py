@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import peewee as pw
 
-from wpk_upgrade.interfaces import TaskFilter
+from wpk_upgrade.interfaces import PHASE_INSTALLING, TaskFilter
 from wpk_upgrade.models import Task, TaskStatus, check_transition
 
 from .models import StoreModels, task_from_values, to_task
@@ -190,6 +190,29 @@ def phase_entry(task_id: int, phase: str, when: int, node: str) -> dict[str, Any
     return entry
 
 
+def installer_started(m: StoreModels, task_id: int, status: TaskStatus) -> bool | None:
+    """True when the task's ``PHASE_INSTALLING`` row exists; None when the task is no longer
+    in ``status`` (re-read and decide again).
+
+    Atomic with ``record_phase`` (which writes that row only while the task is In progress):
+    on PostgreSQL/MariaDB the task row is locked ``FOR UPDATE`` first, as ``record_phase``
+    does, so the phase row is read only once a concurrent ``record_phase`` has committed (a
+    READ COMMITTED statement started after the lock sees it); SQLite writers are serialized
+    by ``BEGIN IMMEDIATE``. The caller's status change then runs in the same transaction.
+    """
+    t, h = m.task, m.history
+    query = t.select(t.status).where(t.task_id == task_id)
+    if not isinstance(t._meta.database, pw.SqliteDatabase):
+        query = query.for_update()
+    current = query.scalar()
+    if current != status.value:
+        return None
+    phase = h.select(h.id).where(
+        (h.task_id == task_id) & (h.extra == phase_extra(PHASE_INSTALLING)) & is_phase_row(h)
+    )
+    return bool(phase.exists())
+
+
 def is_phase_row(h: Any) -> Any:
     """Condition: a history row that records a phase, not a transition (from == to)."""
     return h.from_status.is_null(False) & (h.from_status == h.to_status)
@@ -251,10 +274,20 @@ def move(
     reason: str | None,
     when: int,
 ) -> Outcome:
-    """Move one task row to ``new`` if ``check_transition`` allows it (conditional UPDATE)."""
+    """Move one task row to ``new`` if ``check_transition`` allows it (conditional UPDATE).
+
+    In progress -> Cancelled is also refused once the task's installer phase is recorded
+    (``installer_started``): from then on the agent may be installing.
+    """
     current = TaskStatus(row.status)
     if not check_transition(current, new, row.node, actor):
         return Outcome.REFUSED
+    if current is TaskStatus.IN_PROGRESS and new is TaskStatus.CANCELLED:
+        started = installer_started(m, row.task_id, current)
+        if started is None:
+            return Outcome.RACED
+        if started:
+            return Outcome.REFUSED
     t = m.task
     changed = (
         t.update(status=new.value, update_time=when, error_msg=error_msg)

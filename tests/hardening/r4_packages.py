@@ -36,6 +36,7 @@ from hardlib import (
 )
 
 from wpk_upgrade import pki, wpk
+from wpk_upgrade.errors import TaskCode
 from wpk_upgrade.testing.harness import ManagerHarness, manager_config
 
 MAGIC = wpk.MAGIC
@@ -243,13 +244,7 @@ def measure(size: Size) -> list[Figure]:
             item = upgrade(control, matrix.good)
             wait_until(marker.exists, 60, "the control installer's marker")
             fig.notes.append("control: the untampered package ran its installer (marker seen)")
-            harness.task(
-                {
-                    "origin": {"module": "api"},
-                    "command": "upgrade_cancel",
-                    "parameters": {"agents": [control.agent_id]},
-                }
-            )
+            end_task(harness, control.agent_id, "Done")
             marker.unlink()
             shutil.rmtree(control.home / "var" / "upgrade")
             (control.home / "var" / "upgrade").mkdir()
@@ -279,6 +274,28 @@ def measure(size: Size) -> list[Figure]:
     return [fig]
 
 
+def end_task(harness: ManagerHarness, agent_id: int, outcome: str) -> None:
+    """Make the agent's task final, so that the agent can be sent the next package: cancel
+    it, or, when its installer started (cancel refused: task code 8), record ``outcome``
+    as the agent's report would."""
+    reply = harness.task(
+        {
+            "origin": {"module": "api"},
+            "command": "upgrade_cancel",
+            "parameters": {"agents": [agent_id]},
+        }
+    )
+    if reply["data"][0]["error"] == TaskCode.INSTALLER_STARTED:
+        reply = harness.task(
+            {
+                "origin": {"module": "upgrade_module", "name": harness.config.node_name},
+                "command": "upgrade_update_status",
+                "parameters": {"agents": [agent_id], "status": outcome},
+            }
+        )
+        assert reply["data"][0]["error"] == 0, reply
+
+
 def judge(
     harness: ManagerHarness,
     fig: Figure,
@@ -301,13 +318,7 @@ def judge(
         outcome = f"{final['status']}: {reasons[-1] if reasons else ''}"[:200]
         if final["status"] != "Error":
             problems.append(f"task ended {final['status']}")
-            harness.task(
-                {
-                    "origin": {"module": "api"},
-                    "command": "upgrade_cancel",
-                    "parameters": {"agents": [agent.agent_id]},
-                }
-            )
+            end_task(harness, agent.agent_id, "Failed")
     if marker.exists():
         problems.append("THE INSTALLER RAN")
         marker.unlink()

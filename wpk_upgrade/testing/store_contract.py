@@ -23,7 +23,8 @@ What it pins down (reference §2.3, §2.4, §8; cases C076-C092 of categories F 
   ``create_tasks_if_idle``, progress, listing filters, the agent registry (``get_agents``),
   persistence across close/open, and races between threads (and processes, and nodes);
 * phases for restart recovery: ``record_phase`` only while In progress, ``task_phase``,
-  ``interrupted_transfers``; phase rows never show in ``history`` (not transitions).
+  ``interrupted_transfers``; phase rows never show in ``history`` (not transitions); no
+  In progress -> Cancelled once ``PHASE_INSTALLING`` is recorded, atomically with it.
 """
 
 from __future__ import annotations
@@ -535,6 +536,33 @@ class TaskStoreContract:
         assert [t.task_id for t in got] == [cut.task_id, later.task_id]
         assert got[0] == cut
 
+    def test_no_cancel_once_the_installer_phase_is_recorded(self, store: TaskStore) -> None:
+        """In progress -> Cancelled is refused once ``PHASE_INSTALLING`` is recorded (the
+        agent may be installing: ``upgrade_cancel`` must not hide its outcome), by id and by
+        agent; the task still reaches its outcome. A task cancelled first gets no installer
+        phase (the dispatcher then never sends ``upgrade``)."""
+        installing = task_in(store, 1, TaskStatus.IN_PROGRESS)
+        assert store.record_phase(installing.task_id, PHASE_INSTALLING, now=T0 + 5)
+        history = store.history(installing.task_id)
+        cancel = TaskStatus.CANCELLED
+        assert not store.set_task_status(installing.task_id, None, cancel, "m", "r", now=T0 + 6)
+        assert not store.set_task_status(installing.task_id, OTHER, cancel, now=T0 + 6)
+        assert store.update_status(1, None, cancel, now=T0 + 6) == UPDATE_NOT_FOUND
+        assert store.get_task(installing.task_id) == installing
+        assert store.history(installing.task_id) == history
+        assert store.task_phase(installing.task_id) == PHASE_INSTALLING
+        assert store.update_status(1, OTHER, TaskStatus.DONE, now=T0 + 7) == UPDATE_OK
+        timing_out = task_in(store, 2, TaskStatus.IN_PROGRESS)
+        assert store.record_phase(timing_out.task_id, PHASE_INSTALLING)
+        assert store.set_task_status(timing_out.task_id, None, TaskStatus.TIMEOUT)
+
+        transferring = task_in(store, 3, TaskStatus.IN_PROGRESS)
+        assert store.set_task_status(transferring.task_id, None, cancel, now=T0 + 6)
+        assert store.record_phase(transferring.task_id, PHASE_INSTALLING) is False
+        assert store.task_phase(transferring.task_id) is None
+        create(store, [4])
+        assert store.update_status(4, None, cancel) == UPDATE_OK
+
     # ------------------------------------------------------------------ idle intake
 
     def test_create_if_idle(self, store: TaskStore) -> None:
@@ -805,6 +833,27 @@ class TaskStoreContract:
             )
             assert sorted(outcomes) == [False, True]
             assert len(store.history(task.task_id)) == 3
+
+    def test_race_cancel_against_installer_phase(self, store: TaskStore) -> None:
+        """``record_phase(PHASE_INSTALLING)`` and a cancel racing: exactly one wins."""
+        for agent in range(1, 13):
+            task = task_in(store, agent, TaskStatus.IN_PROGRESS)
+
+            def either(i: int, t: Task = task) -> bool:
+                if i == 0:
+                    return store.record_phase(t.task_id, PHASE_INSTALLING)
+                return store.set_task_status(t.task_id, None, TaskStatus.CANCELLED)
+
+            phased, cancelled = _in_threads(2, either)
+            assert phased != cancelled, (agent, phased, cancelled)
+            fresh = store.get_task(task.task_id)
+            assert fresh is not None
+            if phased:
+                assert fresh.status is TaskStatus.IN_PROGRESS
+                assert store.task_phase(task.task_id) == PHASE_INSTALLING
+            else:
+                assert fresh.status is TaskStatus.CANCELLED
+                assert store.interrupted_transfers(NODE) == []
 
     def test_race_claim_pending(self, store: TaskStore) -> None:
         tasks = create(store, list(range(1, 41)))
