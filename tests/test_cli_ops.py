@@ -732,3 +732,25 @@ def test_admin_commands_are_checked_and_do_not_shadow_the_reference(
     )
     assert reply["message"] == "Invalid command"
     assert node.result([1]) == [{"error": 3, "message": "No task in DB", "agent": 1}]
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["agents", "1", "--timeout", "1e400"], "--timeout"),
+        (["result", "1", "--timeout", "nan"], "not a finite number"),
+        (["watch", "5", "--interval", "inf"], "--interval"),
+        (["upgrade", "5", "--wait", "--wait-timeout", "-inf"], "--wait-timeout"),
+        (["history", "99999999999999999999999"], "TASK_ID"),
+        (["tasks", "--limit", "99999999999999999999999"], "--limit"),
+        (["tasks", "--since", "99999999999999999999d"], "before 1970"),
+        (["tasks", "--until", "999999999999999999999999"], "epoch seconds beyond"),
+    ],
+)
+def test_absurd_numbers_are_usage_errors(tmp_path: Path, args: list[str], says: str) -> None:
+    """Infinite, NaN and beyond-64-bit numbers are refused before the manager is asked (they
+    were tracebacks, or the manager's 'Invalid message' with exit 1)."""
+    proc = run(*args, "--home", str(tmp_path))
+    assert proc.returncode == 2, proc.stderr
+    line = one_line_error(proc)
+    assert line.startswith("error: ") and says in line, line

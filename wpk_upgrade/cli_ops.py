@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import sys
@@ -194,7 +195,7 @@ def with_client(func: F) -> F:
         "--timeout",
         default=30.0,
         show_default=True,
-        type=click.FloatRange(min=0.1),
+        type=Seconds(min=0.1, max=86400),
         help="Seconds to wait for each reply of the manager.",
     )(wrapper)
     wrapper = click.option(
@@ -264,6 +265,28 @@ def parse_agents(
     return unique
 
 
+#: Largest integer the task store holds (task ids, epoch seconds, limits).
+MAX_INT = (1 << 63) - 1
+#: Longest wait any option accepts (a year, in seconds).
+MAX_SECONDS = 366 * 86400.0
+
+
+class Seconds(click.FloatRange):
+    """A number of seconds: a finite float within the range (NaN and infinities refused,
+    which ``FloatRange`` lets through or turns into an overflow later)."""
+
+    name = "seconds"
+
+    def __init__(self, min: float = 0.0, max: float = MAX_SECONDS) -> None:
+        super().__init__(min=min, max=max)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return number
+
+
 def parse_when(text: str, now: float | None = None) -> int:
     """Epoch seconds of ``--since``/``--until``: epoch seconds, a UTC date or date-time
     (``2025-01-31``, ``2025-01-31T10:00:00Z``, ``2025/01/31 10:00:00``), or a duration ago
@@ -272,9 +295,14 @@ def parse_when(text: str, now: float | None = None) -> int:
 
     value = text.strip()
     if re.fullmatch(r"\d{9,}", value):
+        if int(value) > MAX_INT:
+            raise click.BadParameter(f"{text!r}: epoch seconds beyond {MAX_INT}")
         return int(value)
     if re.fullmatch(r"\d+\s*[smhd]", value):
-        return int((time.time() if now is None else now) - parse_duration(value))
+        ago = (time.time() if now is None else now) - parse_duration(value)
+        if ago < 0:
+            raise click.BadParameter(f"{text!r}: a duration reaching before 1970")
+        return int(ago)
     cleaned = value.replace("/", "-").rstrip("Zz").replace("T", " ")
     for fmt in ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"):
         try:
@@ -577,7 +605,7 @@ def watch_options(func: F) -> F:
     )(func)
     func = click.option(
         "--wait-timeout",
-        type=click.FloatRange(min=0),
+        type=Seconds(min=0),
         default=DEFAULT_WAIT_TIMEOUT,
         metavar="S",
         help="Give up after S seconds, exit 1; the upgrades go on "
@@ -585,7 +613,7 @@ def watch_options(func: F) -> F:
     )(func)
     func = click.option(
         "--interval",
-        type=click.FloatRange(min=0.05),
+        type=Seconds(min=0.05, max=3600),
         default=1.0,
         show_default=True,
         help="Seconds between two polls of upgrade_result.",
@@ -899,7 +927,11 @@ def _not_outdated_text(items: list[dict[str, Any]], unknown: list[dict[str, Any]
 @click.option("--since", help="Created at or after (UTC date, epoch or a duration ago: 2h).")
 @click.option("--until", help="Created at or before (same forms as --since).")
 @click.option(
-    "--limit", type=click.IntRange(min=0), default=100, show_default=True, help="0: no limit."
+    "--limit",
+    type=click.IntRange(min=0, max=MAX_INT),
+    default=100,
+    show_default=True,
+    help="0: no limit.",
 )
 @json_option
 @with_client
@@ -959,7 +991,7 @@ class TaskId(click.IntRange):
 
 
 @click.command("history")
-@click.argument("task_id", type=TaskId(min=1))
+@click.argument("task_id", type=TaskId(min=1, max=MAX_INT))
 @json_option
 @with_client
 def history_cmd(client: Client, task_id: int, as_json: bool) -> None:
