@@ -158,6 +158,10 @@ async def _swarm(args: argparse.Namespace) -> None:
             reply: str = await handler.handle(target, payload)
             return reply
 
+        # announce what the real agent announces (windowed, resumable transfers, binary
+        # attachments): the transport reads ``features`` off the request handler
+        handle.features = handler.features  # type: ignore[attr-defined]
+
         async def on_connected(channel: Any) -> None:
             connected.add(agent_id)
 

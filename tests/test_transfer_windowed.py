@@ -272,6 +272,33 @@ def test_an_agent_still_in_its_start_up_check_is_waited_for(
             assert refused_opens() == 3 and not agent.installed()
 
 
+def test_shared_chunk_budget_bounds_chunks_in_flight(
+    make_harness: MakeNode, signer: pki.CertFiles, tmp_path: Path
+) -> None:
+    """``upgrade.max_inflight_mb``: the node's pushes together hold at most that many bytes of
+    chunks not yet answered (here two 4 KB chunks for two agents with a window of 4 each);
+    each push still always has one chunk going, and the budget is whole again afterwards."""
+    from wpk_upgrade.transfer import ChunkBudget
+
+    h = node(make_harness)
+    assert h.manager is not None
+    h.manager.dispatcher.chunk_budget = budget = ChunkBudget(2 * 4096)
+    package = make_wpk(tmp_path, signer, 100_000)
+    with (
+        LiveAgent(h.transport_address, 11, tmp_path / "a11", write_delay=0.005) as one,
+        LiveAgent(h.transport_address, 12, tmp_path / "a12", write_delay=0.005) as two,
+    ):
+        wait_connected(h, 11)
+        wait_connected(h, 12)
+        custom(h, [11, 12], file_path=str(package.path), installer="upgrade.sh")
+        h.wait_for(lambda: one.installed() and two.installed())
+        assert one.max_concurrent + two.max_concurrent <= 3  # 2 by budget, +1 always goes
+        assert min(one.max_concurrent, two.max_concurrent) >= 1
+        for agent in (one, two):
+            assert covered(agent.writes()) == [(0, package.size)]
+    assert budget.used == 0
+
+
 def test_reference_mode_keeps_the_reference_exchange(
     make_harness: MakeNode, signer: pki.CertFiles, tmp_path: Path
 ) -> None:

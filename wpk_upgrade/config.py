@@ -119,6 +119,7 @@ class UpgradeSection:
     resume_timeout: float = 300.0
     resume_attempts: int = 5
     not_ready_wait: float = 60.0
+    max_inflight_mb: float = 32.0
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,7 @@ class _UpgradeSchema(Schema):
     resume_timeout = fields.Float(load_default=300.0, validate=validate.Range(0, 86400))
     resume_attempts = fields.Integer(load_default=5, validate=validate.Range(0, 1000))
     not_ready_wait = fields.Float(load_default=60.0, validate=validate.Range(0, 3600))
+    max_inflight_mb = fields.Float(load_default=32.0, validate=validate.Range(1, 4096))
 
     @post_load
     def make(self, data: dict[str, Any], **_: Any) -> UpgradeSection:

@@ -38,7 +38,7 @@ from .models import AgentInfo, Task, TaskParams, TaskStatus, WpkRef
 from .plugin_manager import notify
 from .sources import SourceRegistry
 from .taskmanager import TaskManager
-from .transfer import TransferSettings, WpkPusher
+from .transfer import ChunkBudget, TransferSettings, WpkPusher
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,8 @@ class Dispatcher:
             resume_attempts=config.upgrade.resume_attempts,
             not_ready_wait=config.upgrade.not_ready_wait,
         )
+        #: chunks read and not yet answered, over all of this node's windowed pushes
+        self.chunk_budget = ChunkBudget(int(config.upgrade.max_inflight_mb * (1 << 20)))
 
     def submit(self, task_id: int) -> None:
         """Queue a Pending task of this node."""
@@ -231,6 +233,7 @@ class Dispatcher:
                     task.agent_id, self.settings.resume_timeout, not_link=old
                 ),
                 task_id=task_id,
+                budget=self.chunk_budget,
             )
             log.info("task %d: sending %s to agent %03d", task_id, wpk.file_name, task.agent_id)
             await pusher.push(wpk)

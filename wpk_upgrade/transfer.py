@@ -31,6 +31,10 @@ the installer may have run, and the task waits for the agent's report (``push`` 
 Each failing step raises ``UpgradeError`` with the reference code (18 to 23) and a detail.
 
 Every transfer reads the WPK from the one cached file (opened per transfer, never copied).
+A ``ChunkBudget`` shared by a manager's pushes bounds the bytes of chunks read and not yet
+acknowledged across all of them (``upgrade.max_inflight_mb``): with hundreds of transfers in
+flight, chunks waiting for a slow connection were most of the manager's memory. Each push may
+always have one chunk in flight, so none waits forever for the others.
 """
 
 from __future__ import annotations
@@ -84,6 +88,25 @@ class TransferSettings:
     #: windowed agents: how long "not ready" answers to ``open`` are waited out (an agent
     #: that has just started refuses upgrades during its start-up result check, 30 s)
     not_ready_wait: float = 60.0
+
+
+class ChunkBudget:
+    """Bytes of WPK chunks that the pushes sharing it hold at once (read from the cache, not
+    yet answered). Used from one event loop."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self.used = 0
+
+    def take(self, size: int, *, force: bool = False) -> bool:
+        """Count ``size`` bytes if they fit (always with ``force``); False otherwise."""
+        if not force and self.used + size > self.limit:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
 
 
 @dataclass
@@ -206,8 +229,10 @@ class WpkPusher:
         before_install: Callable[[], Awaitable[bool]] | None = None,
         reconnect: Reconnect | None = None,
         task_id: int | None = None,
+        budget: ChunkBudget | None = None,
     ) -> None:
         self.link = link
+        self.budget = budget
         self.json = uses_json(agent_version)
         self.settings = settings
         self.progress = progress
@@ -232,10 +257,10 @@ class WpkPusher:
     async def _send(
         self, target: str, payload: str, code: UpgradeCode, timeout: float | None = None
     ) -> Reply:
+        pending = self.link.request(target, payload, timeout or self.settings.command_timeout)
+        del payload  # the transport drops the chunk once written; do not keep it here either
         try:
-            text = await self.link.request(
-                target, payload, timeout or self.settings.command_timeout
-            )
+            text = await pending
         except TimeoutError as exc:
             raise UpgradeError(code, "no answer from the agent in time") from exc
         except (ConnectionError, OSError) as exc:
@@ -520,7 +545,18 @@ class WpkPusher:
         try:
             while next_offset < total or inflight:
                 while next_offset < total and len(inflight) < window:
-                    data = os.pread(fd, min(chunk_size, total - next_offset), next_offset)
+                    size = min(chunk_size, total - next_offset)
+                    budget = self.budget
+                    # over the shared budget: wait for one of our answers (one chunk always
+                    # goes, so no push waits on the others forever)
+                    if budget is not None and not budget.take(size, force=not inflight):
+                        break
+                    data = b""
+                    try:
+                        data = os.pread(fd, size, next_offset)
+                    finally:
+                        if not data and budget is not None:
+                            budget.give(size)
                     if not data:
                         raise UpgradeError(
                             UpgradeCode.SEND_WRITE_ERROR, f"the WPK ends at byte {next_offset}"
@@ -535,6 +571,8 @@ class WpkPusher:
                     task = asyncio.ensure_future(
                         self._send("upgrade", payload, UpgradeCode.SEND_WRITE_ERROR)
                     )
+                    if budget is not None:
+                        task.add_done_callback(lambda _, n=size, b=budget: b.give(n))
                     inflight[task] = (next_offset, len(data))
                     self.stats.bytes_sent += len(data)
                     next_offset += len(data)

@@ -181,9 +181,16 @@ class _Connection:
         """One message (and the raw frame announced by its ``bin``, written together)."""
         if self.closed:
             raise ConnectionError("connection closed")
+        await self._write(self._frame(message, attachment))
+
+    @staticmethod
+    def _frame(message: dict[str, Any], attachment: bytes | None) -> bytes:
         data = wire.pack(message)
         if attachment is not None:
             data += encode(attachment)
+        return data
+
+    async def _write(self, data: bytes) -> None:
         async with self.write_lock:
             self.writer.write(data)
             await self.writer.drain()
@@ -196,7 +203,14 @@ class _Connection:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.waiting[ident] = future
         try:
-            await self.send({**message, "id": ident}, attachment)
+            if self.closed:
+                raise ConnectionError("connection closed")
+            data = self._frame({**message, "id": ident}, attachment)
+            # Nothing of the request is kept while its answer is awaited: with a window of
+            # chunks in flight to hundreds of agents, held chunks were most of the memory.
+            del message, attachment
+            await self._write(data)
+            del data
             async with asyncio.timeout(timeout):
                 return await future
         finally:
@@ -248,8 +262,10 @@ class TcpAgentLink(AgentLink):
             lifted = wire.lift_buffer(payload)
             if lifted is not None:
                 message["payload"], message["bin"], attachment = lifted
-        reply = await self.conn.call(message, timeout, attachment)
-        return str(reply)
+                del lifted
+        pending = self.conn.call(message, timeout, attachment)
+        del payload, message, attachment  # held by ``call`` only until written (see there)
+        return str(await pending)
 
     async def close(self) -> None:
         await self.conn.close()
