@@ -114,8 +114,14 @@ class Manager:
                         raw = await read_frame(reader, limit)
                 except FrameTooLarge as exc:
                     log.warning("%s: %s", path.name, exc)
-                    if await discard(reader, exc.size, DISCARD_CAP, READ_TIMEOUT):
-                        await write_frame(writer, dumps({**oversized, "detail": str(exc)}))
+                    reply = dumps({**oversized, "detail": str(exc)})
+                    # Up to DISCARD_CAP the body is read through first (a client still
+                    # writing then reads the answer without a broken pipe); a larger one is
+                    # answered at once: the answer waits in the client's receive buffer.
+                    if exc.size > DISCARD_CAP or await discard(
+                        reader, exc.size, DISCARD_CAP, READ_TIMEOUT
+                    ):
+                        await write_frame(writer, reply)
                     return
                 except (asyncio.IncompleteReadError, TimeoutError):
                     return

@@ -105,6 +105,25 @@ def test_manager_sockets_answer_hostile_json_with_coded_errors(
     assert "RecursionError" not in text and "UnicodeEncodeError" not in text
 
 
+@pytest.mark.parametrize("size", [0xFFFFFFFF, 70 << 20])
+def test_frames_announcing_more_than_can_be_read_get_a_coded_answer(
+    harness: ManagerHarness, size: int
+) -> None:
+    """A length prefix of 4 GiB (or 70 MiB, over what is read through) was answered by
+    closing the connection; now both sockets answer it with the coded error and a detail."""
+    import struct
+
+    for path in (harness.config.upgrade_socket, harness.config.task_socket):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(20)
+            sock.connect(str(path))
+            sock.sendall(struct.pack("<I", size) + b"{}")
+            sock.shutdown(socket.SHUT_WR)
+            reply = _read_frame(sock)
+        assert reply["error"] != 0 and "exceeds the maximum" in reply.get("detail", ""), reply
+    assert len(harness.result([1])) == 1  # and the next request is served
+
+
 def test_a_failing_handler_still_answers(
     harness: ManagerHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
