@@ -252,6 +252,8 @@ def test_agent_claiming_another_id_is_refused_and_logged(
         never_connects(h, agent, 3)
         wait_log(caplog, "hello claims agent 003 but the certificate is for agent 002")
         wait_log(caplog, "manager refused us: hello claims agent 003")
+        refused = [r for r in caplog.records if "manager refused us" in r.getMessage()]
+        assert refused and all(r.levelno == logging.WARNING for r in refused)
         assert h.store.get_agent(3) is None
         assert not connected(h, 2)
     finally:

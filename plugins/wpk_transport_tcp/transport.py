@@ -589,7 +589,10 @@ class TcpTransport(Transport):
                     TimeoutError,
                     ProtocolError,
                 ) as exc:
-                    log.info("tcp: manager connection ended: %s", describe_error(exc))
+                    # refused (revoked, another agent's id, bad hello) or a protocol fault is
+                    # worth an operator's eye; a dropped connection is routine
+                    level = logging.WARNING if isinstance(exc, ProtocolError) else logging.INFO
+                    log.log(level, "tcp: manager connection ended: %s", describe_error(exc))
                 finally:
                     await conn.close()
             if stop.is_set():
