@@ -15,6 +15,7 @@ Rules every driver follows (DESIGN.md §5):
 from __future__ import annotations
 
 import asyncio
+import base64
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -339,6 +340,9 @@ class TaskStore(ABC):
 
 # --------------------------------------------------------------------------- transports
 
+#: The empty buffer a ``request_data`` payload carries in place of its data.
+EMPTY_BUFFER = '"buffer":""'
+
 
 class AgentLink(ABC):
     """The manager's handle on one connected agent."""
@@ -349,6 +353,15 @@ class AgentLink(ABC):
     async def request(self, target: str, payload: str, timeout: float) -> str:
         """Send one command (reference target ``upgrade`` or ``com`` and its payload text)
         and return the agent's reply text. Raises ``TimeoutError`` or ``ConnectionError``."""
+
+    async def request_data(self, target: str, payload: str, data: bytes, timeout: float) -> str:
+        """``request`` of a JSON command whose ``"buffer":""`` (empty, once in ``payload``)
+        stands for ``data``, a chunk of a WPK. A link that carries bytes sends them as they
+        are (the tcp transport does); this default writes their base64 text into the buffer,
+        the reference wire format, and calls ``request``."""
+        at = payload.index(EMPTY_BUFFER) + len(EMPTY_BUFFER) - 1
+        text = payload[:at] + base64.b64encode(data).decode("ascii") + payload[at:]
+        return await self.request(target, text, timeout)
 
     @abstractmethod
     async def close(self) -> None:

@@ -40,7 +40,6 @@ always have one chunk in flight, so none waits forever for the others.
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import logging
@@ -255,10 +254,21 @@ class WpkPusher:
             self.progress(sent, total)
 
     async def _send(
-        self, target: str, payload: str, code: UpgradeCode, timeout: float | None = None
+        self,
+        target: str,
+        payload: str,
+        code: UpgradeCode,
+        timeout: float | None = None,
+        data: bytes | None = None,
     ) -> Reply:
-        pending = self.link.request(target, payload, timeout or self.settings.command_timeout)
-        del payload  # the transport drops the chunk once written; do not keep it here either
+        """One command; with ``data``, ``payload``'s empty buffer stands for it (a chunk)."""
+        wait = timeout or self.settings.command_timeout
+        pending = (
+            self.link.request(target, payload, wait)
+            if data is None
+            else self.link.request_data(target, payload, data, wait)
+        )
+        del payload, data  # the transport drops the chunk once written; so do we
         try:
             text = await pending
         except TimeoutError as exc:
@@ -344,13 +354,9 @@ class WpkPusher:
                 if self.json:
                     reply = await self._send(
                         "upgrade",
-                        _json_command(
-                            "write",
-                            buffer=base64.b64encode(chunk).decode(),
-                            length=len(chunk),
-                            file=name,
-                        ),
+                        _json_command("write", buffer="", length=len(chunk), file=name),
                         UpgradeCode.SEND_WRITE_ERROR,
+                        data=chunk,
                     )
                 else:
                     reply = await self._send(
@@ -562,14 +568,10 @@ class WpkPusher:
                             UpgradeCode.SEND_WRITE_ERROR, f"the WPK ends at byte {next_offset}"
                         )
                     payload = _json_command(
-                        "write",
-                        buffer=base64.b64encode(data).decode(),
-                        length=len(data),
-                        file=name,
-                        offset=next_offset,
+                        "write", buffer="", length=len(data), file=name, offset=next_offset
                     )
                     task = asyncio.ensure_future(
-                        self._send("upgrade", payload, UpgradeCode.SEND_WRITE_ERROR)
+                        self._send("upgrade", payload, UpgradeCode.SEND_WRITE_ERROR, data=data)
                     )
                     if budget is not None:
                         task.add_done_callback(lambda _, n=size, b=budget: b.give(n))

@@ -55,6 +55,7 @@ from marshmallow import Schema, ValidationError, fields, post_load, validate, va
 from wpk_upgrade.errors import ConfigError, ProtocolError, UpgradeCode
 from wpk_upgrade.framing import FrameTooLarge, encode
 from wpk_upgrade.interfaces import (
+    EMPTY_BUFFER,
     AgentHub,
     AgentLink,
     ManagerChannel,
@@ -265,6 +266,16 @@ class TcpAgentLink(AgentLink):
                 del lifted
         pending = self.conn.call(message, timeout, attachment)
         del payload, message, attachment  # held by ``call`` only until written (see there)
+        return str(await pending)
+
+    async def request_data(self, target: str, payload: str, data: bytes, timeout: float) -> str:
+        """With ``bin``: the chunk goes as the raw frame after the message, never encoded."""
+        if "bin" not in self.features:
+            return await super().request_data(target, payload, data, timeout)
+        position = payload.index(EMPTY_BUFFER) + len(EMPTY_BUFFER) - 1
+        message = {"type": "request", "target": target, "payload": payload, "bin": position}
+        pending = self.conn.call(message, timeout, data)
+        del payload, message, data  # held by ``call`` only until written (see there)
         return str(await pending)
 
     async def close(self) -> None:
