@@ -684,6 +684,17 @@ def test_config_check_loads_the_certificates_the_transport_names(tmp_path: Path)
     proc = manager_with(**{**good, "crl": str(tmp_path / "junk.pem")})
     assert proc.returncode == 2 and "is not a CRL" in one_line_error(proc)
 
+    manager.write_text(f'home = "{tmp_path}"\n[transport.options]\nlisen = "x"\n')
+    proc = run("config", "check", str(manager))
+    assert one_line_error(proc) == f"error: {manager}: transport.options: lisen: Unknown field."
+    manager.write_text(
+        f'home = "{tmp_path}"\n[api]\nenabled = true\ntokens = ["{"t" * 20}"]\n'
+        f'cert = "{tmp_path / "api-none.pem"}"\nkey = "{mgr / "manager.key"}"\n'
+    )
+    proc = run("config", "check", str(manager))
+    assert proc.returncode == 2 and "api: cannot load cert" in one_line_error(proc)
+    assert "api-none.pem" in one_line_error(proc)
+
     agent = tmp_path / "agent.toml"
     missing_cert = tmp_path / "gone.pem"
     agent.write_text(

@@ -69,6 +69,7 @@ from .protocol import dumps
 from .taskmanager import result_item
 
 if TYPE_CHECKING:
+    from .config import ManagerConfig
     from .daemon import Manager
 
 log = logging.getLogger(__name__)
@@ -566,24 +567,26 @@ async def serve_app(
     return server
 
 
-def tls_context(manager: Manager) -> ssl.SSLContext | None:
-    """The API's server TLS context from ``[api] cert``/``key`` (relative to home)."""
-    api = manager.config.api
+def tls_context(config: ManagerConfig) -> ssl.SSLContext | None:
+    """The API's server TLS context from ``[api] cert``/``key`` (relative to home); also
+    what ``wpk-upgrade config check`` loads. ``PluginError`` naming both files."""
+    api = config.api
     if not api.cert or not api.key:
         return None
-    home = manager.config.home
+    cert, key = config.home / Path(api.cert), config.home / Path(api.key)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(str(home / Path(api.cert)), str(home / Path(api.key)))
+        context.load_cert_chain(str(cert), str(key))
     except (OSError, ssl.SSLError) as exc:
-        raise PluginError(f"api: cannot load cert/key: {exc}") from exc
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise PluginError(f"api: cannot load cert {cert} / key {key}: {reason}") from exc
     return context
 
 
 async def start_api(manager: Manager) -> WebServer:
     """Serve the API of ``manager`` on ``[api] listen``."""
     return await serve_app(
-        UpgradeApi(manager).app(), manager.config.api.listen, "api", tls_context(manager)
+        UpgradeApi(manager).app(), manager.config.api.listen, "api", tls_context(manager.config)
     )
 
 

@@ -1063,6 +1063,10 @@ def check_manager_config(path: str) -> dict[str, Any]:
     config = load_manager_config(path)
     open_store(config)
     open_transport(config).check("manager")
+    if config.api.enabled and config.api.cert:
+        from .api import tls_context
+
+        tls_context(config)
     registry = SourceRegistry(config.sources)
     for name in config.sources:
         registry.get(name)
@@ -1113,7 +1117,10 @@ def config_check_cmd(file: str, is_agent: bool, as_json: bool) -> None:
     try:
         effective = check_agent_config(file) if is_agent else check_manager_config(file)
     except WpkUpgradeError as exc:
-        _fail(str(exc) + _kind_hint(file, is_agent), EXIT_USAGE)
+        text = str(exc)
+        if not text.startswith(f"{file}:"):  # driver options and files: say which file
+            text = f"{file}: {text}"
+        _fail(text + _kind_hint(file, is_agent), EXIT_USAGE)
     if as_json:
         emit_json(effective)
     else:

@@ -579,7 +579,10 @@ class TcpTransport(Transport):
                         ssl_handshake_timeout=opts.hello_timeout,
                     )
             except (OSError, TimeoutError) as exc:
-                log.info(
+                # a TLS failure (the manager's certificate, its name) is a configuration
+                # matter; a manager that is down is routine
+                log.log(
+                    logging.WARNING if isinstance(exc, ssl.SSLError) else logging.INFO,
                     "tcp: cannot reach manager %s:%s (%s); retrying in %.1fs",
                     host,
                     port,

@@ -347,7 +347,11 @@ class CommandHandler:
             return reply(AgentCode.EXECUTE)
 
     def _refuse(self, command: str | None, exc: AgentCommandError) -> str:
-        self.log.warning(
+        # "not ready" during the start-up result check is routine (the manager retries once
+        # a second for up to a minute): info, not a warning per retry
+        level = logging.INFO if exc.code == AgentCode.DISABLED else logging.WARNING
+        self.log.log(
+            level,
             "refused command %s: %s (%d)%s",
             clip(command),
             exc.text,
