@@ -304,6 +304,31 @@ def test_revoked_agent_is_refused_without_a_manager_restart(
         assert connected(h, 3)
 
 
+def test_revoking_a_connected_agent_drops_it(
+    make_harness: MakeNode, lab_pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``ca revoke 4`` while agent 4 is connected: the manager notices the CRL changed and
+    drops agent 4's connection (its reconnections are refused); agent 3 stays connected."""
+    import shutil
+
+    caplog.set_level(logging.INFO)
+    ca_dir = tmp_path / "ca"
+    shutil.copytree(lab_pki.ca_dir, ca_dir)
+    h = tls_node(make_harness, lab_pki, crl=ca_dir / cli_ca.CRL_NAME)
+    with (
+        TlsAgent(h, agent_info(3), Sim(), **lab_pki.agent_options(3)),
+        TlsAgent(h, agent_info(4), Sim(), **lab_pki.agent_options(4)),
+    ):
+        assert connected(h, 3) and connected(h, 4)
+        link3 = h.manager.hub.link(3)
+        [serial] = cli_ca.revoke(ca_dir, "4")
+        wait_log(caplog, f"its certificate was revoked (serial {serial:x})")
+        h.wait_for(lambda: not connected(h, 4))
+        wait_log(caplog, f"the certificate of agent 004 is revoked (serial {serial:x})")
+        assert not connected(h, 4)
+        assert h.manager.hub.link(3) is link3  # untouched
+
+
 def test_unusable_crl_refuses_everyone(
     make_harness: MakeNode, lab_pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -11,7 +11,8 @@ Both sides authenticate with certificates:
   ``agent:005``). ``agent_id_of`` reads it;
 * ``crl`` (manager side) is a PEM or DER revocation list signed by the agent CA; a certificate
   whose serial is listed is refused. The file is re-read whenever it changes on disk (so
-  ``wpk-upgrade ca revoke`` takes effect for the next connection, without a restart). A CRL
+  ``wpk-upgrade ca revoke`` takes effect without a restart: the transport also drops the
+  connected agents it now revokes, see ``TcpTransport._watch_crl``). A CRL
   that cannot be read or whose signature does not verify refuses every agent (fail closed);
   an expired one is still applied, with a warning.
 
@@ -177,6 +178,12 @@ class RevocationList:
         self._warned_expiry = False
         log.info("tcp: revocation list %s loaded (%d revoked)", self.path, len(serials))
         return loaded
+
+    def refresh(self) -> bool:
+        """Re-read the file if it changed; True when it was (re)loaded now.
+        ``ValueError``/``OSError`` when it is unusable."""
+        before = self._loaded
+        return self._load() is not before
 
     def is_revoked(self, serial: int) -> bool:
         """True when ``serial`` is listed; ``ValueError``/``OSError`` when the CRL is unusable."""

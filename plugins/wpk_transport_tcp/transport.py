@@ -70,6 +70,9 @@ from . import tls, wire
 
 log = logging.getLogger(__name__)
 
+#: How often the manager looks whether its CRL file changed (seconds).
+CRL_CHECK_INTERVAL = 2.0
+
 
 def split_address(text: str) -> tuple[str, int]:
     """``host:port`` (``[v6]:port`` allowed) -> (host, port)."""
@@ -174,6 +177,9 @@ class _Connection:
         self.waiting: dict[int, asyncio.Future[Any]] = {}
         self.write_lock = asyncio.Lock()
         self.closed = False
+        #: serial of the peer's client certificate and who it is (mutual TLS, manager side)
+        self.cert_serial: int | None = None
+        self.peer = ""
         #: silence after which the peer is taken for dead: three heartbeats (the longer of
         #: ours and, on the manager, the one the agent announced)
         self.idle_timeout = options.heartbeat * 3
@@ -378,6 +384,8 @@ class TcpTransport(Transport):
         self._ssl, self._crl = self._manager_tls()
         if self._ssl is not None:
             tls.set_read_buffer(opts.tls_read_buffer)
+        if self._crl is not None:
+            self._spawn(self._watch_crl(self._crl))
 
         async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             task = asyncio.current_task()
@@ -407,8 +415,8 @@ class TcpTransport(Transport):
                 host,
             )
 
-    async def _handshake(self, writer: asyncio.StreamWriter, peer: str) -> int:
-        """TLS server handshake; returns the agent id of the client certificate.
+    async def _handshake(self, writer: asyncio.StreamWriter, peer: str) -> tuple[int, int]:
+        """TLS server handshake; returns the agent id and serial of the client certificate.
 
         Raises ``_Refused``. Must be the first await of the connection (nothing read before).
         """
@@ -439,7 +447,7 @@ class TcpTransport(Transport):
                     f"the certificate of agent {agent_id:03d} is revoked "
                     f"(serial {cert.serial_number:x})"
                 )
-        return agent_id
+        return agent_id, cert.serial_number
 
     async def _serve_agent(
         self, hub: AgentHub, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -447,14 +455,17 @@ class TcpTransport(Transport):
         address = writer.get_extra_info("peername")
         peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
         cert_id: int | None = None
+        serial: int | None = None
         if self._ssl is not None:
             try:
-                cert_id = await self._handshake(writer, peer)
+                cert_id, serial = await self._handshake(writer, peer)
             except _Refused as refusal:
                 log.warning("tcp: refused %s: %s", peer, refusal)
                 await self._refuse(writer, str(refusal) if refusal.reply else None)
                 return
         conn = _Connection(reader, writer, self.options)
+        conn.cert_serial = serial
+        conn.peer = f"agent {cert_id:03d} at {peer}" if cert_id is not None else peer
         self._conns.add(conn)
         link: TcpAgentLink | None = None
         try:
@@ -532,6 +543,33 @@ class TcpTransport(Transport):
             reply = upgrade_error_reply(UpgradeCode.TASK_MANAGER_COMMUNICATION)
         with contextlib.suppress(ConnectionError, OSError):
             await conn.send({"type": "event_reply", "id": msg.get("id"), "reply": reply})
+
+    async def _watch_crl(self, crl: tls.RevocationList) -> None:
+        """Every ``CRL_CHECK_INTERVAL`` seconds: when the CRL file changed, drop the connected
+        agents whose certificate it now revokes (``wpk-upgrade ca revoke`` needs no manager
+        restart, and a revoked agent does not stay connected until it reconnects)."""
+        broken = False
+        while True:
+            await asyncio.sleep(CRL_CHECK_INTERVAL)
+            try:
+                changed = crl.refresh()
+            except (OSError, ValueError) as exc:
+                if not broken:
+                    log.error("tcp: revocation list unusable, refusing new agents: %s", exc)
+                broken = True
+                continue
+            broken = False
+            if not changed:
+                continue
+            for conn in list(self._conns):
+                serial = conn.cert_serial
+                if serial is not None and not conn.closed and crl.is_revoked(serial):
+                    log.warning(
+                        "tcp: dropping %s: its certificate was revoked (serial %x)",
+                        conn.peer,
+                        serial,
+                    )
+                    await conn.close()
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
