@@ -32,10 +32,23 @@ from wpk_upgrade.agent.config import AgentConfigSchema
 from wpk_upgrade.agent.result import UpgradeGate
 from wpk_upgrade.config import load_data
 from wpk_upgrade.errors import UpgradeCode, UpgradeError
+from wpk_upgrade.models import AgentInfo
 from wpk_upgrade.testing.harness import ManagerHarness
 from wpk_upgrade.untrusted import LogBudget, clip, clip_text, loads
 
 DEEP = b"[" * 60000
+
+
+def ubuntu_agent(agent_id: int) -> AgentInfo:
+    """A v4.8.0 Ubuntu agent (upgradable by ``upgrade_custom``)."""
+    return AgentInfo(
+        agent_id=agent_id,
+        version="v4.8.0",
+        os_platform="ubuntu",
+        os_major="22",
+        os_minor="04",
+        os_arch="x86_64",
+    )
 NUL = json.dumps({"origin": {"module": "api", "name": "a\x00"}, "command": "upgrade_result"})
 
 
@@ -321,18 +334,10 @@ def test_long_request_text_neither_freezes_nor_floods(
     fails) and ``version``: answered, the stored reason is cut, no formatted line is longer
     than a few KB, and the socket keeps answering."""
     from wpk_upgrade.logging_setup import JsonFormatter, Redactor
-    from wpk_upgrade.models import AgentInfo
     from wpk_upgrade.testing.harness import ScriptedAgent, json_agent
 
     caplog.set_level(logging.INFO)
-    info = AgentInfo(
-        agent_id=91,
-        version="v4.8.0",
-        os_platform="ubuntu",
-        os_major="22",
-        os_minor="04",
-        os_arch="x86_64",
-    )
+    info = ubuntu_agent(91)
     long_path = "/tmp/" + "a" * 65000 + ".wpk"
     with ScriptedAgent(harness, info, json_agent()):
         reply = harness.upgrade(
@@ -360,19 +365,11 @@ def test_upgrade_custom_installer_must_be_a_plain_name(
     harness: ManagerHarness, tmp_path: Path, installer: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """It was forwarded to the agent (which refused it only after the whole transfer)."""
-    from wpk_upgrade.models import AgentInfo
     from wpk_upgrade.testing.harness import ScriptedAgent, json_agent
 
     package = tmp_path / "p.wpk"
     package.write_bytes(b"not even a WPK")
-    info = AgentInfo(
-        agent_id=90,
-        version="v4.8.0",
-        os_platform="ubuntu",
-        os_major="22",
-        os_minor="04",
-        os_arch="x86_64",
-    )
+    info = ubuntu_agent(90)
     with ScriptedAgent(harness, info, json_agent()) as agent:
         reply = harness.upgrade(
             {
