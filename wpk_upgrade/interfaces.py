@@ -229,6 +229,27 @@ class TaskStore(ABC):
         (``record_phase``), atomically with that record: exactly one of the two wins.
         """
 
+    def update_status_many(
+        self,
+        agent_ids: Sequence[int],
+        node: str | None,
+        status: TaskStatus,
+        error_msg: str | None = None,
+        reason: str | None = None,
+        now: int | None = None,
+    ) -> dict[int, Task]:
+        """``update_status`` for many agents (one request naming thousands): the tasks that
+        moved, by agent, as they were before the move. This default calls ``update_status``
+        per agent; a store may do it in a few statements (the SQL store does)."""
+        before = self.latest_tasks(list(agent_ids))
+        moved: dict[int, Task] = {}
+        for agent in dict.fromkeys(agent_ids):
+            if agent in before and (
+                self.update_status(agent, node, status, error_msg, reason, now) == UPDATE_OK
+            ):
+                moved[agent] = before[agent]
+        return moved
+
     @abstractmethod
     def set_task_status(
         self,

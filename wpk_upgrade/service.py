@@ -274,7 +274,6 @@ class UpgradeService:
         status = REPORT_STATUSES.get(str(params.get("status")))
         error = params.get("error", 0)
         message = params.get("message", "")
-        items = []
         budget = LogBudget()
         for agent_id in agents:
             if budget.take():
@@ -285,9 +284,10 @@ class UpgradeService:
                     clip_text(str(error)),
                     clip_text(str(message)),
                 )
-            if status is None:
-                items.append({"error": 3, "message": "No task in DB", "agent": agent_id})
-                continue
+        no_task = {"error": 3, "message": "No task in DB"}
+        if status is None:
+            items = [{**no_task, "agent": agent_id} for agent_id in agents]
+        else:
             error_msg = None
             if error:
                 code = (
@@ -296,18 +296,19 @@ class UpgradeService:
                     else UpgradeCode.UPGRADE_ERROR
                 )
                 error_msg = upgrade_message(code)
-            moved = await self.tasks.update_latest(
-                agent_id,
+            moved = await self.tasks.update_latest_many(
+                list(agents),
                 self.config.node_name,
                 status,
                 error_msg,
                 f"agent report: error {error}: {clip_text(str(message))}",
             )
-            if moved:
-                items.append({"error": 0, "message": "Success", "agent": agent_id})
-            else:
-                items.append({"error": 3, "message": "No task in DB", "agent": agent_id})
-            self._clear_agent_result(agent_id)
+            items = []
+            for agent_id in agents:
+                ok = agent_id in moved
+                items.append({"error": 0, "message": "Success"} if ok else dict(no_task))
+                items[-1]["agent"] = agent_id
+                self._clear_agent_result(agent_id)
         if budget.skipped:
             log.info("%d more upgrade notifications (not logged one by one)", budget.skipped)
         return items

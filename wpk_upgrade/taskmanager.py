@@ -162,6 +162,34 @@ class TaskManager:
             return True
         return outcome == UPDATE_OK
 
+    async def update_latest_many(
+        self,
+        agents: Sequence[int],
+        node: str | None,
+        status: TaskStatus,
+        error_msg: str | None = None,
+        reason: str | None = None,
+    ) -> set[int]:
+        """``update_latest`` for every agent of a request (``TaskStore.update_status_many``:
+        a request naming 10,000 agents took ~1 ms per agent one by one); the agents whose
+        task moved. One status-change notification per moved task."""
+        moved = await self._db(
+            self.store.update_status_many, list(agents), node, status, error_msg, reason
+        )
+        after = await self._db(self.store.latest_tasks, list(moved)) if moved else {}
+        for agent, before in moved.items():
+            task = after.get(agent)
+            if task is not None and task.task_id == before.task_id:
+                notify(
+                    self.pm,
+                    "wpk_after_task_status_changed",
+                    task=task,
+                    old_status=before.status,
+                    new_status=status,
+                    reason=reason,
+                )
+        return set(moved)
+
     async def _notify_change(
         self, task_id: int, old: TaskStatus | None, new: TaskStatus, reason: str | None
     ) -> None:
@@ -290,15 +318,15 @@ class TaskManager:
                 log.warning("task manager: status %r cannot be requested", req.params["status"])
                 return task_error_reply(TaskCode.DATABASE_ERROR)
             data = []
+            moved = await self.update_latest_many(
+                req.agents,
+                req.node,
+                status,
+                req.params.get("error_msg"),
+                f"update_status from node {req.node}",
+            )
             for agent in req.agents:
-                moved = await self.update_latest(
-                    agent,
-                    req.node,
-                    status,
-                    req.params.get("error_msg"),
-                    f"update_status from node {req.node}",
-                )
-                if moved:
+                if agent in moved:
                     data.append({"error": 0, "message": ok, "agent": agent})
                 else:
                     data.append(

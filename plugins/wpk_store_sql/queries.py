@@ -301,6 +301,58 @@ def move(
     return Outcome.MOVED
 
 
+def move_latest_many(
+    m: StoreModels,
+    agent_ids: Sequence[int],
+    new: TaskStatus,
+    actor: str | None,
+    error_msg: str | None,
+    reason: str | None,
+    when: int,
+) -> dict[int, Task]:
+    """``move`` of the latest task of each agent, in a few statements: the latest rows in one
+    query, one conditional UPDATE per current status, the history in one insert. Returns
+    the moved tasks (old values) by agent. Raises ``Raced`` when a row changed meanwhile
+    (the caller replays the whole transaction). In progress -> Cancelled goes through
+    ``move`` one by one (its installer-phase check)."""
+    latest = latest_rows(m, agent_ids)
+    groups: dict[TaskStatus, list[Task]] = {}
+    moved: dict[int, Task] = {}
+    for agent, task in latest.items():
+        current = TaskStatus(task.status)
+        if not check_transition(current, new, task.node, actor):
+            continue
+        if current is TaskStatus.IN_PROGRESS and new is TaskStatus.CANCELLED:
+            row = latest_row(m, agent)
+            if row is None or row.task_id != task.task_id:
+                raise Raced(f"agent {agent}: latest task changed")
+            outcome = move(m, row, new, actor, error_msg, reason, when)
+            if outcome is Outcome.RACED:
+                raise Raced(f"agent {agent}: task {task.task_id} changed")
+            if outcome is Outcome.MOVED:
+                moved[agent] = task
+            continue
+        groups.setdefault(current, []).append(task)
+    t = m.task
+    entries: list[dict[str, Any]] = []
+    for current, tasks in groups.items():
+        for part in chunks([task.task_id for task in tasks]):
+            changed = (
+                t.update(status=new.value, update_time=when, error_msg=error_msg)
+                .where(t.task_id.in_(part) & (t.status == current.value))
+                .execute()
+            )
+            if changed != len(part):
+                raise Raced(f"{len(part) - changed} of {len(part)} tasks changed meanwhile")
+        for task in tasks:
+            node = actor if actor is not None else task.node
+            entries.append(history_entry(task.task_id, current, new, when, node, reason))
+            moved[task.agent_id] = task
+    if entries:
+        add_history(m, entries)
+    return moved
+
+
 def move_locked(
     m: StoreModels,
     rows: Sequence[Any],

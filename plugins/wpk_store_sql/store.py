@@ -56,6 +56,9 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
+#: Agents per transaction of ``update_status_many``.
+_MANY_CHUNK = 500
+
 PENDING = TaskStatus.PENDING
 IN_PROGRESS = TaskStatus.IN_PROGRESS
 _ACTIVE = (PENDING.value, IN_PROGRESS.value)
@@ -408,6 +411,26 @@ class SqlTaskStore(AgentRegistryMixin, TaskStore):
 
         moved = self._run("update status", op)
         return UPDATE_OK if moved else UPDATE_NOT_FOUND
+
+    def update_status_many(
+        self,
+        agent_ids: Sequence[int],
+        node: str | None,
+        status: TaskStatus,
+        error_msg: str | None = None,
+        reason: str | None = None,
+        now: int | None = None,
+    ) -> dict[int, Task]:
+        when = _now(now)
+        wanted = list(dict.fromkeys(int(a) for a in agent_ids))
+        moved: dict[int, Task] = {}
+        for part in q.chunks(wanted, _MANY_CHUNK):
+
+            def op(m: StoreModels, part: list[int] = part) -> dict[int, Task]:
+                return q.move_latest_many(m, part, status, node, error_msg, reason, when)
+
+            moved.update(self._run("update status of many agents", op))
+        return moved
 
     def set_task_status(
         self,

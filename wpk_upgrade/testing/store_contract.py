@@ -311,6 +311,56 @@ class TaskStoreContract:
                 assert history == history_before
         assert not failures, failures
 
+    def test_transition_matrix_update_status_many(self, store: TaskStore) -> None:
+        """One ``update_status_many`` per (new status, actor) over agents whose latest tasks
+        are in every status (plus one agent without a task): the same moves, rows and
+        history as ``update_status`` one by one."""
+        agents = itertools.count(1)
+        when = T0 + 1000
+        failures = []
+        for new, actor in itertools.product(ALL_STATUSES, ACTORS):
+            tasks = {next(agents): current for current in ALL_STATUSES}
+            made = {a: task_in(store, a, current, node=NODE) for a, current in tasks.items()}
+            nobody = next(agents)
+            moved = store.update_status_many(
+                [*tasks, nobody, *tasks], actor, new, "msg", "why", now=when
+            )
+            for agent, current in tasks.items():
+                expected = check_transition(current, new, NODE, actor)
+                if (agent in moved) != expected:
+                    failures.append(f"{current.value} -> {new.value} by {actor}")
+                    continue
+                task = made[agent]
+                after = store.get_task(task.task_id)
+                history = store.history(task.task_id)
+                if not expected:
+                    assert after == task and history[-1].to_status is current
+                    continue
+                assert moved[agent] == task  # as it was before the move
+                assert after == Task(
+                    task.task_id, agent, NODE, MODULE, CMD, new, task.create_time, when, "msg"
+                )
+                last = history[-1]
+                assert (last.from_status, last.to_status, last.time, last.reason) == (
+                    current,
+                    new,
+                    when,
+                    "why",
+                )
+                assert [c.to_status for c in history].count(new) >= 1
+                if actor is not None:
+                    assert last.node == actor
+            assert nobody not in moved
+        assert not failures, failures
+
+    def test_update_status_many_refuses_cancel_once_installing(self, store: TaskStore) -> None:
+        installing = task_in(store, 1, TaskStatus.IN_PROGRESS)
+        task_in(store, 2, TaskStatus.IN_PROGRESS)
+        assert store.record_phase(installing.task_id, PHASE_INSTALLING)
+        moved = store.update_status_many([1, 2], NODE, TaskStatus.CANCELLED)
+        assert set(moved) == {2}
+        assert store.get_task(installing.task_id).status is TaskStatus.IN_PROGRESS  # type: ignore[union-attr]
+
     def test_every_table_entry_is_reachable(self, store: TaskStore) -> None:
         agents = itertools.count(1)
         for (current, new), rule in TRANSITIONS.items():
