@@ -55,6 +55,7 @@ from ..models import (
     TRANSITIONS,
     AgentInfo,
     NodeRule,
+    StatusChange,
     Task,
     TaskParams,
     TaskStatus,
@@ -94,6 +95,31 @@ def task_in(
     fresh = store.get_task(task.task_id)
     assert fresh is not None and fresh.status is status
     return fresh
+
+
+def _check_moved(
+    after: Task | None,
+    history: list[StatusChange],
+    task: Task,
+    current: TaskStatus,
+    new: TaskStatus,
+    actor: str | None,
+    when: int,
+) -> None:
+    """``task`` (in ``current``) was moved to ``new`` by ``actor`` at ``when`` with error
+    message "msg" and reason "why": its row, and the last history entry."""
+    assert after == Task(
+        task.task_id, task.agent_id, NODE, MODULE, CMD, new, task.create_time, when, "msg"
+    )
+    last = history[-1]
+    assert (last.from_status, last.to_status, last.time, last.reason) == (
+        current,
+        new,
+        when,
+        "why",
+    )
+    if actor is not None:
+        assert last.node == actor
 
 
 class TaskStoreContract:
@@ -293,19 +319,8 @@ class TaskStoreContract:
                 failures.append(f"{current.value} -> {new.value} by {actor}: moved={moved}")
                 continue
             if expected:
-                assert after == Task(
-                    task.task_id, agent, NODE, MODULE, CMD, new, task.create_time, when, "msg"
-                )
                 assert len(history) == len(history_before) + 1
-                last = history[-1]
-                assert (last.from_status, last.to_status, last.time, last.reason) == (
-                    current,
-                    new,
-                    when,
-                    "why",
-                )
-                if actor is not None:
-                    assert last.node == actor
+                _check_moved(after, history, task, current, new, actor, when)
             else:
                 assert after == task
                 assert history == history_before
@@ -337,19 +352,7 @@ class TaskStoreContract:
                     assert after == task and history[-1].to_status is current
                     continue
                 assert moved[agent] == task  # as it was before the move
-                assert after == Task(
-                    task.task_id, agent, NODE, MODULE, CMD, new, task.create_time, when, "msg"
-                )
-                last = history[-1]
-                assert (last.from_status, last.to_status, last.time, last.reason) == (
-                    current,
-                    new,
-                    when,
-                    "why",
-                )
-                assert [c.to_status for c in history].count(new) >= 1
-                if actor is not None:
-                    assert last.node == actor
+                _check_moved(after, history, task, current, new, actor, when)
             assert nobody not in moved
         assert not failures, failures
 
