@@ -20,7 +20,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ import pytest
 from wpk_upgrade import pki, wpk
 from wpk_upgrade.framing import request_unix
 from wpk_upgrade.models import AgentInfo
-from wpk_upgrade.testing.harness import ManagerHarness, ScriptedAgent, json_agent
+from wpk_upgrade.testing.harness import ManagerHarness, ScriptedAgent, json_agent, wait_until
 
 CLI = [sys.executable, "-m", "wpk_upgrade.cli"]
 REFUSED = "Task is already being installed, cannot be cancelled"
@@ -58,12 +57,7 @@ def free_port() -> int:
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not reached: {what}")
+    wait_until(predicate, what, timeout)
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pytest
 from wpk_upgrade.daemon import Manager
 from wpk_upgrade.errors import WpkUpgradeError
 from wpk_upgrade.framing import request_unix
-from wpk_upgrade.testing.harness import ManagerHarness, manager_config
+from wpk_upgrade.testing.harness import ManagerHarness, manager_config, wait_until
 
 CLI = [sys.executable, "-m", "wpk_upgrade.cli"]
 RESULT = {"origin": {"module": "api"}, "command": "upgrade_result", "parameters": {"agents": [5]}}
@@ -52,12 +51,7 @@ def answers(home: Path) -> bool:
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not reached: {what}")
+    wait_until(predicate, what, timeout)
 
 
 class Proc:

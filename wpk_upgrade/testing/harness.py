@@ -26,6 +26,16 @@ from ..models import AgentInfo
 T = TypeVar("T")
 
 
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    """Poll ``predicate`` every 50 ms; ``AssertionError`` naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not reached: {what}")
+
+
 def manager_config(home: Path, **overrides: Any) -> ManagerConfig:
     """A manager configuration for tests: transport on an ephemeral loopback port."""
     data: dict[str, Any] = {
